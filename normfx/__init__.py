@@ -1,0 +1,37 @@
+"""normfx: compile the normalization layers of neural networks (torch.fx and ONNX).
+
+The public API, re-exported from the modules that implement it.
+"""
+
+__version__ = "0.1.0"
+
+from . import errors, layers, models, testing  # noqa: E402
+from .engine import explain, rewrite, rewrite_with_report  # noqa: E402
+from .export import ExportResult, export  # noqa: E402
+from .errors import NormfxError  # noqa: E402
+from .policy import Option, PolicySpec, parse_policy, policy_names, register_policy  # noqa: E402
+from .report import Entry, Report  # noqa: E402
+from .verify import VerifyResult, verify  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "errors",
+    "layers",
+    "models",
+    "testing",
+    "export",
+    "ExportResult",
+    "rewrite",
+    "rewrite_with_report",
+    "explain",
+    "verify",
+    "VerifyResult",
+    "Report",
+    "Entry",
+    "NormfxError",
+    "Option",
+    "PolicySpec",
+    "parse_policy",
+    "policy_names",
+    "register_policy",
+]

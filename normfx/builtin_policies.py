@@ -1,0 +1,80 @@
+"""normfx's own policies: name, help, options, and where each pass lives (imported when first run).
+
+Every pass is a function ``run(model, ctx) -> model`` taking a private copy of the caller's model
+and a :class:`normfx.engine.PassContext`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from .policy import Option, PolicySpec, register_policy
+
+
+def _lazy(target: str) -> Callable[..., Any]:
+    module_name, _, attr = target.partition(":")
+
+    def run(model: Any, ctx: Any) -> Any:
+        return getattr(importlib.import_module(module_name), attr)(model, ctx)
+
+    run.__qualname__ = run.__name__ = f"lazy[{target}]"
+    return run
+
+
+register_policy(
+    PolicySpec(
+        "keep",
+        "Leave the normalization layers as they are (useful in per-layer overrides).",
+        torch_pass=_lazy("normfx.passes.fx.frozen:run_keep"),
+        onnx_pass=_lazy("normfx.passes.onnx.keep:run"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "frozen",
+        "Replace every BatchNorm (1d/2d/3d, SyncBatchNorm, subclasses; activations kept) by FrozenBatchNorm: a constant affine.",
+        torch_pass=_lazy("normfx.passes.fx.frozen:run_frozen"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "unfrozen",
+        "Turn FrozenBatchNorm layers back into trainable BatchNorm with the same numbers.",
+        torch_pass=_lazy("normfx.passes.fx.frozen:run_unfrozen"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "fuse",
+        "Fold BatchNorm into the adjacent Conv/ConvTranspose/Linear (before or after it) for inference.",
+        options={
+            "forward": Option("forward", bool, True, "also fold a BN into the conv/linear that follows it"),
+            "duplicate_shared": Option(
+                "duplicate_shared", bool, True, "fold into a private copy of a conv/linear module called more than once"
+            ),
+        },
+        torch_pass=_lazy("normfx.passes.fx.fuse:run"),
+        onnx_pass=_lazy("normfx.passes.onnx.fuse:run"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "precise",
+        "Recompute BN running statistics as the true population average over `data` (precise BN).",
+        options={"num_batches": Option("num_batches", int, 0, "batches to use; 0 = all of `data`")},
+        torch_pass=_lazy("normfx.stats:run_precise"),
+        needs_data=True,
+        exact=False,
+    )
+)
+register_policy(
+    PolicySpec(
+        "adaptive",
+        "Recompute BN running statistics on target-domain `data` (adaptive BN for domain shift).",
+        options={"num_batches": Option("num_batches", int, 0, "batches to use; 0 = all of `data`")},
+        torch_pass=_lazy("normfx.stats:run_adaptive"),
+        needs_data=True,
+        exact=False,
+    )
+)

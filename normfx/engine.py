@@ -1,0 +1,161 @@
+"""The one code path behind ``rewrite`` and ``explain``: copy the model, run each policy step's pass
+over the layers it targets, collect the report, enforce ``strict``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ModelError, PolicyError, RewriteError
+from .layers import is_batchnorm
+from .policy import Policy, Step, parse_policy
+from .report import KEPT, Report
+
+__all__ = ["PassContext", "rewrite", "rewrite_with_report", "explain"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassContext:
+    """What a pass receives besides the model: its step, which layers it targets, where to report."""
+
+    step: Step
+    policy: Policy
+    report: Report
+    example_inputs: tuple | None = None
+    data: Any = None
+    dry_run: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def targets(self, layer_name: str) -> bool:
+        """True when the policy assigns this step to the layer (first matching glob wins)."""
+        return self.policy.targets(self.step, layer_name)
+
+    def option(self, key: str) -> Any:
+        return self.step.option(key)
+
+    @property
+    def rule(self) -> str:
+        return self.step.name
+
+
+def _normalize_inputs(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise ModelError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+def _is_onnx(model: Any) -> bool:
+    try:
+        import onnx
+    except ImportError:  # pragma: no cover - onnx is a dependency
+        return False
+    import os
+
+    return isinstance(model, (onnx.ModelProto, str, os.PathLike))
+
+
+def _batchnorm_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if is_batchnorm(m)]
+
+
+def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: dict, dry_run: bool):
+    parsed = parse_policy(policy, options)
+    report = Report(policy=str(parsed), model=type(model).__name__)
+    if _is_onnx(model):
+        from .passes.onnx.io import load_model_proto, onnx_batchnorm_names
+
+        work = load_model_proto(model)
+        kind, layer_names = "onnx", onnx_batchnorm_names(work)
+    elif isinstance(model, torch.nn.Module):
+        work = copy.deepcopy(model)
+        kind, layer_names = "torch", _batchnorm_names(model)
+    else:
+        raise ModelError(
+            f"cannot rewrite a {type(model).__name__}: pass a torch.nn.Module, an onnx.ModelProto or a path to a .onnx file"
+        )
+    inputs = _normalize_inputs(example_inputs)
+    for step in parsed.ordered_steps():
+        spec = step.spec
+        run_pass = spec.torch_pass if kind == "torch" else spec.onnx_pass
+        if run_pass is None:
+            other = "ONNX" if kind == "torch" else "torch"
+            raise PolicyError(f"policy {step.name!r} works on {other} models only; it cannot rewrite a {kind} model")
+        ctx = PassContext(step, parsed, report, inputs, data, dry_run, dict(options))
+        log.debug("running step %s (dry_run=%s)", step, dry_run)
+        result = run_pass(work, ctx)
+        if result is not None:
+            work = result
+    seen = report.names()
+    for name in layer_names:
+        if name not in seen:
+            steps = parsed.steps_for(name)
+            reason = "no policy step matches this layer" if not steps else "no rule of the policy applies to this layer kind"
+            report.add(name, "none", KEPT, reason)
+    return work, report
+
+
+def rewrite_with_report(
+    model: Any,
+    policy: Any,
+    *,
+    example_inputs: Any = None,
+    data: Any = None,
+    strict: bool = False,
+    **options: Any,
+) -> tuple[Any, Report]:
+    """Like :func:`rewrite`, and also return the :class:`~normfx.report.Report`."""
+    result, report = _run(model, policy, example_inputs=example_inputs, data=data, options=options, dry_run=False)
+    if strict and report.skipped:
+        listing = "; ".join(f"{e.name} ({e.rule}: {e.reason})" for e in report.skipped)
+        raise RewriteError(f"strict=True and {len(report.skipped)} layer(s) were skipped: {listing}")
+    return result, report
+
+
+def rewrite(
+    model: Any,
+    policy: Any,
+    *,
+    example_inputs: Any = None,
+    data: Any = None,
+    strict: bool = False,
+    **options: Any,
+) -> Any:
+    """Return a new model with its normalization layers rewritten by ``policy``.
+
+    ``model`` is a ``torch.nn.Module`` (the result is a new module, usually a ``torch.fx.GraphModule``
+    or the module with layers swapped; nothing is shared with the input) or an ONNX model
+    (``onnx.ModelProto`` or a path; the result is a new ``ModelProto``). ``policy`` is a step
+    (``"fuse"``, ``"frozen"``, ``"name:key=value"``), a list of steps, or a mapping of module-name
+    globs to steps (first match wins). ``example_inputs`` fixes shapes where a rule needs them,
+    ``data`` feeds rules that measure statistics, ``strict=True`` raises
+    :class:`~normfx.errors.RewriteError` when any targeted layer is skipped, and keyword ``options``
+    fill in step options. :func:`explain` tells what this call would do.
+    """
+    result, _ = rewrite_with_report(
+        model, policy, example_inputs=example_inputs, data=data, strict=strict, **options
+    )
+    return result
+
+
+def explain(model: Any, policy: Any, *, example_inputs: Any = None, data: Any = None, **options: Any) -> Report:
+    """Report, for every normalization layer, the rule the policy gives it and whether it would apply.
+
+    Runs the same matching code as :func:`rewrite` (on a private copy) without applying anything
+    costly; the caller's model is untouched.
+    """
+    _, report = _run(model, policy, example_inputs=example_inputs, data=data, options=options, dry_run=True)
+    return report

@@ -1,0 +1,167 @@
+"""``normfx.export``: rewrite a torch model (fx route), export it with torch.onnx, rewrite the ONNX graph
+(ONNX route), verify it in onnxruntime against the torch model, and write the file atomically."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .engine import _normalize_inputs, rewrite_with_report
+from .errors import ModelError, VerificationError
+from .io_utils import atomic_write_bytes, check_output_path
+from .policy import parse_policy
+from .report import Report
+from .verify import VerifyResult, compare, load_inputs
+
+__all__ = ["ExportResult", "export", "export_onnx", "DEFAULT_OPSET"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` did: the reports of both routes, the verification, and the written model."""
+
+    path: str | None
+    model: Any  # onnx.ModelProto
+    torch_report: Report | None
+    onnx_report: Report
+    verification: VerifyResult
+    extra_checks: list[VerifyResult] = field(default_factory=list)
+
+    @property
+    def batchnorm_left(self) -> int:
+        return sum(1 for node in self.model.graph.node if node.op_type == "BatchNormalization")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "batchnorm_left": self.batchnorm_left,
+            "torch_report": self.torch_report.to_dict() if self.torch_report else None,
+            "onnx_report": self.onnx_report.to_dict(),
+            "verification": self.verification.to_dict(),
+        }
+
+
+def _io_names(count: int, prefix: str) -> list[str]:
+    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
+
+
+def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *, opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = True):
+    """Export a torch module to an ``onnx.ModelProto`` with the TorchScript exporter, constant folding off:
+    normfx folds BN itself and must not depend on the exporter doing it."""
+    import onnx
+
+    inputs = tuple(example_inputs)
+    with torch.no_grad():
+        outputs = model(*inputs)
+    from .verify import flatten_outputs
+
+    input_names = _io_names(len(inputs), "input")
+    output_names = _io_names(len(flatten_outputs(outputs)), "output")
+    dynamic_axes = {name: {0: "batch"} for name in input_names + output_names} if dynamic_batch else None
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, inputs, buffer, dynamo=False, opset_version=opset, do_constant_folding=False,
+                input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+            )
+    except Exception as exc:  # the exporter raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"torch.onnx.export failed: {first}") from exc
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _onnx_policy(policy: Any):
+    """The steps of ``policy`` that have an ONNX pass (run on the exported graph for what fx left)."""
+    parsed = parse_policy(policy)
+    if not any(step.spec.onnx_pass for step in parsed.ordered_steps()):
+        return None
+    rules = tuple((glob, tuple(s for s in steps if s.spec.onnx_pass)) for glob, steps in parsed.rules)
+    return type(parsed)(tuple((glob, steps) for glob, steps in rules if steps))
+
+
+def export(
+    model: Any,
+    example_inputs: Any,
+    path: str | os.PathLike | None,
+    *,
+    policy: Any = "fuse",
+    opset: int = DEFAULT_OPSET,
+    dynamic_batch: bool = True,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    strict: bool = False,
+    check_inputs: Any = None,
+) -> ExportResult:
+    """Rewrite, export to ONNX, rewrite the graph, verify in onnxruntime, then write ``path`` atomically.
+
+    ``model`` is a ``torch.nn.Module`` (fx route, then torch.onnx export, then ONNX route) or an ONNX
+    model/path (ONNX route only, verified ORT against ORT). Verification runs on ``example_inputs``
+    and, for a dynamic batch, also at another batch size; a failed verification raises
+    :class:`~normfx.errors.VerificationError` and writes nothing. ``path=None`` writes nothing.
+    """
+    from .verify import as_runner
+
+    target = os.fspath(path) if path is not None else None
+    if target is not None:
+        sources = [os.fspath(model)] if isinstance(model, (str, os.PathLike)) else []
+        check_output_path(target, protect=sources)
+    torch_report = None
+    if isinstance(model, torch.nn.Module):
+        inputs = _normalize_inputs(example_inputs)
+        if inputs is None:
+            raise ModelError("export needs example_inputs for a torch model")
+        rewritten, torch_report = rewrite_with_report(model, policy, example_inputs=inputs, strict=strict)
+        rewritten.eval()
+        exported = export_onnx(rewritten, inputs, opset=opset, dynamic_batch=dynamic_batch)
+        reference = as_runner(model)[0]
+    else:
+        from .passes.onnx.io import load_model_proto
+
+        exported = load_model_proto(model)
+        inputs = example_inputs
+        reference = as_runner(exported)[0]
+    onnx_policy = _onnx_policy(policy)
+    if onnx_policy is not None:
+        final, onnx_report = rewrite_with_report(exported, onnx_policy, strict=strict)
+    else:
+        final, onnx_report = exported, Report(policy="(no ONNX step)", model="onnx")
+    arrays = _inputs_for(final, inputs)
+    candidate, names = as_runner(final)
+    verification = compare(reference(arrays), candidate(arrays), rtol=rtol, atol=atol, names=names)
+    extra = []
+    if dynamic_batch and isinstance(model, torch.nn.Module):
+        other = [np.concatenate([a, a[:1] * 0.5], axis=0) for a in arrays]
+        extra.append(compare(reference(other), candidate(other), rtol=rtol, atol=atol, names=names))
+    if check_inputs is not None:
+        more = load_inputs(check_inputs)
+        extra.append(compare(reference(more), candidate(more), rtol=rtol, atol=atol, names=names))
+    failed = [v for v in [verification, *extra] if not v.ok]
+    result = ExportResult(target, final, torch_report, onnx_report, verification, extra)
+    if failed:
+        raise VerificationError(f"the exported model is not equivalent to the original: {failed[0]}; nothing was written")
+    if target is not None:
+        atomic_write_bytes(target, final.SerializeToString(), protect=[os.fspath(model)] if isinstance(model, (str, os.PathLike)) else [])
+        log.info("wrote %s", target)
+    return result
+
+
+def _inputs_for(model_proto: Any, inputs: Any) -> list[np.ndarray]:
+    if inputs is not None:
+        return load_inputs(inputs)
+    from .runtime import random_inputs
+
+    return random_inputs(model_proto)

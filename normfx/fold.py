@@ -1,0 +1,508 @@
+"""Pure fold/unfold math for normalization layers: arrays in, arrays out, float64 inside.
+
+This module knows nothing about graphs. The torch.fx passes and the ONNX passes both call it, so the
+two routes compute the same numbers to the bit: every input (torch tensor on any device, numpy array,
+list) is converted to a float64 numpy array, the algebra is done in numpy float64 on the CPU, and the
+result is cast back with numpy (``ml_dtypes`` for bfloat16) before it becomes a torch tensor again.
+
+Conventions (PyTorch's; ONNX uses the same layouts):
+
+=================  ===========================  ===================  ====================
+kind               weight shape                 output-channel axis  input-channel axis
+=================  ===========================  ===================  ====================
+``conv``           ``(Cout, Cin/g, *k)``        0                    1 (within a group)
+``conv_transpose`` ``(Cin, Cout/g, *k)``        1 (within a group)   0
+``linear``         ``(out, in)``                0                    1
+=================  ===========================  ===================  ====================
+
+An ONNX ``MatMul``/``Gemm(transB=0)`` weight is ``(in, out)``: callers transpose it to the linear
+layout first. BatchNorm in eval mode is the per-channel affine ``y = x * scale + shift`` with
+``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale`` (:func:`bn_affine`).
+
+Folding a BN that *follows* a layer is always exact (:func:`fold_bn_after`). Folding a BN that
+*precedes* a layer is exact for the scale; the shift becomes a bias only when every output position
+sees the same input taps — true for linear layers and unpadded convs (:func:`fold_bn_before`). For a
+zero-padded conv (or a conv_transpose whose border outputs see fewer taps) :func:`shift_response`
+gives the exact position-dependent constant, and :func:`is_uniform` says whether it is a plain bias.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import RewriteError
+
+__all__ = [
+    "KINDS",
+    "bn_affine",
+    "fold_bn_after",
+    "fold_bn_before",
+    "shift_response",
+    "is_uniform",
+    "unfold_bn_params",
+    "layer_channels",
+    "per_channel",
+]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("conv", "conv_transpose", "linear")
+"""The layer kinds the fold functions understand."""
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+# ----------------------------------------------------------------------------------------------
+# array plumbing
+
+
+def _f64(x: Any, name: str) -> np.ndarray:
+    """``x`` (torch tensor, numpy array, list, scalar) as a fresh float64 numpy array on the CPU."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise RewriteError(f"{name}: dtype {x.dtype} is not a real number type")
+        return x.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
+    try:
+        return np.array(x, dtype=np.float64, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise RewriteError(f"{name}: cannot be read as a float64 array ({exc})") from None
+
+
+def _is_float_dtype(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or (dtype.kind == "V" and "float" in dtype.name)
+
+
+def _check_weight(weight: Any) -> None:
+    if isinstance(weight, torch.Tensor):
+        if not weight.is_floating_point():
+            raise RewriteError(f"weight dtype {weight.dtype} is not floating point; fold before quantizing the layer")
+    elif isinstance(weight, np.ndarray):
+        if not _is_float_dtype(weight.dtype):
+            raise RewriteError(f"weight dtype {weight.dtype} is not floating point; fold before quantizing the layer")
+    else:
+        raise RewriteError(f"weight must be a torch.Tensor or a numpy.ndarray, got {type(weight).__name__}")
+
+
+def _np_dtype_for(dtype: torch.dtype) -> np.dtype | None:
+    """The numpy dtype matching a torch floating dtype (None when numpy cannot represent it)."""
+    if dtype == torch.bfloat16:
+        try:
+            import ml_dtypes
+        except ImportError:  # pragma: no cover - ml_dtypes ships with onnx
+            return None
+        return np.dtype(ml_dtypes.bfloat16)
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except TypeError:  # float8 types and friends
+        return None
+
+
+def _like(value: np.ndarray, weight: Any, *, keep_float64: bool = False) -> Any:
+    """``value`` (float64 numpy) as the array kind of ``weight``, in its dtype and on its device.
+
+    The cast to a narrow dtype is done by numpy in both routes (torch in / numpy in), so a torch
+    caller and a numpy caller get the same bits. ``keep_float64`` keeps float64 (kind and device still
+    follow ``weight``).
+    """
+    if isinstance(weight, np.ndarray):
+        return value.copy() if keep_float64 else value.astype(weight.dtype)
+    if keep_float64:
+        return torch.from_numpy(value.copy()).to(device=weight.device)
+    np_dtype = _np_dtype_for(weight.dtype)
+    if np_dtype is None:  # no numpy twin: let torch round (rare dtypes only)
+        return torch.from_numpy(value.copy()).to(device=weight.device, dtype=weight.dtype)
+    cast = np.ascontiguousarray(value.astype(np_dtype))
+    if np_dtype.kind == "V":  # ml_dtypes bfloat16: hand the bits over as int16
+        tensor = torch.from_numpy(cast.view(np.int16)).view(weight.dtype)
+    else:
+        tensor = torch.from_numpy(cast)
+    return tensor.to(device=weight.device)
+
+
+def per_channel(vector: Any, ndim: int, axis: int = 1) -> Any:
+    """Reshape a ``(C,)`` vector so that it broadcasts along ``axis`` of an ``ndim``-d array.
+
+    Works on numpy arrays and torch tensors alike (returns a view when the input allows it), e.g.
+    ``x * per_channel(scale, x.ndim, 1)`` scales the channels of an ``(N, C, H, W)`` activation.
+    """
+    if not 0 <= axis < ndim:
+        raise RewriteError(f"per_channel: axis {axis} is outside an array of {ndim} dimensions")
+    shape = [1] * ndim
+    shape[axis] = -1
+    return vector.reshape(shape)
+
+
+def layer_channels(weight_shape: Sequence[int], kind: str, groups: int = 1) -> tuple[int, int]:
+    """``(in_channels, out_channels)`` of a layer given its weight shape, kind and groups.
+
+    Raises :class:`RewriteError` when the shape does not fit the kind or ``groups`` does not divide it.
+    """
+    shape = tuple(int(s) for s in weight_shape)
+    _check_kind(kind)
+    if not isinstance(groups, (int, np.integer)) or isinstance(groups, bool) or groups < 1:
+        raise RewriteError(f"groups must be a positive integer, got {groups!r}")
+    if kind == "linear":
+        if len(shape) != 2:
+            raise RewriteError(f"linear weight must be 2-D (out, in), got shape {shape}")
+        if groups != 1:
+            raise RewriteError(f"linear layers have no groups, got groups={groups}")
+        return shape[1], shape[0]
+    if len(shape) < 3:
+        raise RewriteError(f"{kind} weight must be at least 3-D (channels, channels, *kernel), got shape {shape}")
+    if kind == "conv":
+        if shape[0] % groups:
+            raise RewriteError(f"conv weight has {shape[0]} output channels, not divisible by groups={groups}")
+        return shape[1] * groups, shape[0]
+    if shape[0] % groups:
+        raise RewriteError(f"conv_transpose weight has {shape[0]} input channels, not divisible by groups={groups}")
+    return shape[0], shape[1] * groups
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise RewriteError(f"unknown layer kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def _vector(x: Any, n: int, name: str, *, default: float | None = None) -> np.ndarray:
+    """A float64 ``(n,)`` vector; ``None`` gives ``default`` everywhere when one is allowed."""
+    if x is None:
+        if default is None:
+            raise RewriteError(f"{name} is required")
+        return np.full(n, default, dtype=np.float64)
+    v = _f64(x, name)
+    if v.shape != (n,):
+        raise RewriteError(f"{name} has shape {tuple(v.shape)}, expected ({n},) to match the layer's channels")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm as an affine map
+
+
+def bn_affine(mean: Any, var: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel ``(scale, shift)`` (float64 numpy) of an eval-mode BatchNorm: ``y = x * scale + shift``.
+
+    ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``; ``weight``/``bias`` ``None``
+    is a BN with ``affine=False`` (1 and 0). Raises :class:`RewriteError` on shape mismatches and on
+    statistics that make the BN undefined (``var + eps <= 0`` or non-finite values).
+    """
+    m = _f64(mean, "running_mean")
+    if m.ndim != 1:
+        raise RewriteError(f"running_mean must be 1-D (C,), got shape {tuple(m.shape)}")
+    c = m.shape[0]
+    v = _vector(var, c, "running_var")
+    w = _vector(weight, c, "BN weight", default=1.0)
+    b = _vector(bias, c, "BN bias", default=0.0)
+    eps = float(eps)
+    denom = v + eps
+    if not (np.all(np.isfinite(m)) and np.all(np.isfinite(v)) and np.all(np.isfinite(w)) and np.all(np.isfinite(b))):
+        raise RewriteError("BN parameters or statistics contain NaN/inf; recompute the statistics (precise BN) before folding")
+    if np.any(denom <= 0):
+        bad = int(np.argmin(denom))
+        raise RewriteError(f"BN channel {bad} has running_var + eps = {denom[bad]:.3g} <= 0; recompute the statistics before folding")
+    scale = w / np.sqrt(denom)
+    shift = b - m * scale
+    return scale, shift
+
+
+# ----------------------------------------------------------------------------------------------
+# folds
+
+
+def fold_bn_after(weight: Any, bias: Any, scale: Any, shift: Any, *, kind: str, groups: int = 1) -> tuple[Any, Any]:
+    """Fold ``BN(layer(x))`` into ``layer'(x)``; returns ``(new_weight, new_bias)``.
+
+    ``scale``/``shift`` come from :func:`bn_affine` (one value per output channel of the layer).
+    ``W' = W * scale`` along the output-channel axis (for ``conv_transpose`` axis 1 within each group),
+    ``b' = b * scale + shift``. ``bias=None`` means no bias (0); a bias is always returned. Exact for
+    any padding, stride, dilation and groups. Results have ``weight``'s array kind, dtype and device.
+    """
+    _check_weight(weight)
+    cin, cout = layer_channels(weight.shape, kind, groups)
+    s = _vector(scale, cout, "BN scale")
+    t = _vector(shift, cout, "BN shift")
+    b = _vector(bias, cout, "layer bias", default=0.0)
+    w = _f64(weight, "weight")
+    if kind == "conv_transpose":
+        g = groups
+        wr = w.reshape(g, cin // g, cout // g, -1) * s.reshape(g, 1, cout // g, 1)
+        new_w = wr.reshape(w.shape)
+    else:
+        new_w = w * per_channel(s, w.ndim, 0)
+    new_b = b * s + t
+    return _like(new_w, weight), _like(new_b, weight)
+
+
+def _shift_taps(w: np.ndarray, t: np.ndarray, kind: str, groups: int) -> np.ndarray:
+    """``V[o, *k] = sum_i W[o, i, *k] * shift[i]`` over the inputs ``o`` sees (float64, ``(Cout, *k)``)."""
+    cin, cout = layer_channels(w.shape, kind, groups)
+    g = groups
+    if kind == "linear":
+        return w * t[None, :]
+    kernel = w.shape[2:]
+    if kind == "conv":
+        wr = w.reshape(g, cout // g, cin // g, -1)
+        v = (wr * t.reshape(g, 1, cin // g, 1)).sum(axis=2)
+    else:
+        wr = w.reshape(g, cin // g, cout // g, -1)
+        v = (wr * t.reshape(g, cin // g, 1, 1)).sum(axis=1)
+    return v.reshape((cout,) + tuple(kernel))
+
+
+def fold_bn_before(weight: Any, bias: Any, scale: Any, shift: Any, *, kind: str, groups: int = 1) -> tuple[Any, Any]:
+    """Fold ``layer(BN(x))`` into ``layer'(x)``; returns ``(new_weight, new_bias)``.
+
+    ``scale``/``shift`` have one value per *input* channel of the layer. The scale goes into the
+    input-channel axis (conv: axis 1 within each group, depthwise included; conv_transpose: axis 0;
+    linear: axis 1) — always exact. The shift becomes ``b' = b + sum_{inputs, taps} W * shift``, which
+    is exact only when every output position sees every kernel tap over real (non-padding) input:
+
+    - ``linear``: always exact;
+    - ``conv``: exact when the conv is unpadded (``padding=0``, or a non-zero padding mode such as
+      reflect/replicate/circular, which pads a constant with itself);
+    - ``conv_transpose``: exact only when every output pixel receives the same set of taps (e.g.
+      ``kernel == stride`` with no padding); border pixels of a general transposed conv see fewer taps.
+
+    Otherwise use the weight from this function with ``bias=None`` and add
+    ``shift_response(weight, shift, ...) + b`` (a per-position constant) instead of ``new_bias``.
+    """
+    _check_weight(weight)
+    cin, cout = layer_channels(weight.shape, kind, groups)
+    s = _vector(scale, cin, "BN scale")
+    t = _vector(shift, cin, "BN shift")
+    b = _vector(bias, cout, "layer bias", default=0.0)
+    w = _f64(weight, "weight")
+    g = groups
+    if kind == "linear":
+        new_w = w * s[None, :]
+    elif kind == "conv":
+        new_w = (w.reshape(g, cout // g, cin // g, -1) * s.reshape(g, 1, cin // g, 1)).reshape(w.shape)
+    else:
+        new_w = w * per_channel(s, w.ndim, 0)
+    taps = _shift_taps(w, t, kind, groups)
+    new_b = b + taps.reshape(cout, -1).sum(axis=1)
+    return _like(new_w, weight), _like(new_b, weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# the exact constant through a padded conv
+
+
+def _tuple(value: Any, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        out = (int(value),) * n
+    else:
+        try:
+            out = tuple(int(v) for v in value)
+        except TypeError:
+            raise RewriteError(f"{name} must be an int or a sequence of {n} ints, got {value!r}") from None
+        if len(out) == 1 and n > 1:
+            out = out * n
+    if len(out) != n:
+        raise RewriteError(f"{name} has {len(out)} entries, expected {n} for a {n}-d layer")
+    return out
+
+
+def _pads(padding: Any, n: int, kernel: Sequence[int], dilation: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(begin, end)`` pads per spatial dim from an int, ``n`` symmetric ints, ``2n`` ONNX-style
+    ints (all begins, then all ends), or the strings ``"valid"`` / ``"same"`` (PyTorch's rule: the odd
+    extra pad goes at the end)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0,) * n, (0,) * n
+        if padding == "same":
+            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            begin = tuple(tt // 2 for tt in total)
+            return begin, tuple(tt - bb for tt, bb in zip(total, begin))
+        raise RewriteError(f"padding {padding!r} is not understood; use an int, a sequence, 'valid' or 'same'")
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, bool):
+        begin = end = (int(padding),) * n
+    else:
+        try:
+            seq = tuple(int(v) for v in padding)
+        except (TypeError, ValueError):
+            raise RewriteError(f"padding must be an int, {n} or {2 * n} ints, 'valid' or 'same', got {padding!r}") from None
+        if len(seq) == 2 * n:
+            begin, end = seq[:n], seq[n:]
+        else:
+            begin = end = _tuple(seq, n, "padding")
+    if min(begin + end, default=0) < 0:
+        raise RewriteError(f"padding must be non-negative, got {padding!r}")
+    return begin, end
+
+
+def shift_response(
+    weight: Any,
+    shift: Any,
+    *,
+    kind: str,
+    input_shape: Sequence[int],
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    output_padding: Any = 0,
+    padding_mode: str = "zeros",
+) -> Any:
+    """The exact output of a conv / conv_transpose *without bias* for the constant input ``shift[c]``.
+
+    ``layer(BN(x)) == layer_{W*scale}(x) + shift_response(W, shift, ...) + b`` for a layer with the
+    given geometry, also where zero padding makes the constant position-dependent (border outputs see
+    fewer taps). Returns a ``(Cout, *out_spatial)`` array in **float64** (array kind and device of
+    ``weight``): add the layer's bias in float64, then cast once to the layer's dtype.
+
+    ``input_shape`` is the input's spatial shape ``(*spatial)`` or its full shape ``(N, C, *spatial)``.
+    ``padding``: an int, one int per spatial dim (symmetric), ``2 * ndim`` ints in ONNX order (all
+    begins, then all ends; asymmetric pads), or ``"valid"``/``"same"`` (conv only). ``padding_mode``
+    (conv only) is PyTorch's; any mode but ``"zeros"`` pads a constant with itself, so the response is
+    uniform. ``output_padding`` is for conv_transpose (extra outputs at the end of each dim).
+
+    How: the input channels collapse first, ``V[o, *k] = sum_i W[o, i, *k] * shift[i]``, then ``V``
+    runs as a one-input-channel conv over an all-ones (zero-padded) image in float64 — cheap even for
+    large feature maps.
+    """
+    _check_kind(kind)
+    if kind == "linear":
+        raise RewriteError("shift_response is for conv and conv_transpose; a linear layer's shift is a plain bias (fold_bn_before)")
+    _check_weight(weight)
+    cin, cout = layer_channels(weight.shape, kind, groups)
+    n = weight.ndim - 2
+    if n not in _CONV_FN:
+        raise RewriteError(f"{kind} with {n} spatial dims is not supported (1d/2d/3d only)")
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == n + 2:
+        if shape[1] != cin:
+            raise RewriteError(f"input_shape {shape} has {shape[1]} channels, the layer expects {cin}")
+        shape = shape[2:]
+    if len(shape) != n or min(shape) < 1:
+        raise RewriteError(f"input_shape {tuple(input_shape)} does not fit a {n}-d {kind} (give (*spatial) or (N, C, *spatial))")
+    t = _vector(shift, cin, "BN shift")
+    kernel = tuple(weight.shape[2:])
+    stride_t = _tuple(stride, n, "stride")
+    dilation_t = _tuple(dilation, n, "dilation")
+    if min(stride_t + dilation_t) < 1:
+        raise RewriteError(f"stride and dilation must be >= 1, got stride={stride!r} dilation={dilation!r}")
+    if padding_mode not in _PADDING_MODES:
+        raise RewriteError(f"padding_mode {padding_mode!r} is not one of {', '.join(_PADDING_MODES)}")
+    begin, end = _pads(padding, n, kernel, dilation_t)
+    taps = torch.from_numpy(_shift_taps(_f64(weight, "weight"), t, kind, groups))  # (Cout, *k)
+
+    if kind == "conv":
+        if output_padding not in (0, None) and any(_tuple(output_padding, n, "output_padding")):
+            raise RewriteError("output_padding applies to conv_transpose only")
+        padded = tuple(s + b + e for s, b, e in zip(shape, begin, end))
+        if padding_mode == "zeros":
+            ones = torch.ones((1, 1) + shape, dtype=torch.float64)
+            pad_arg = [p for i in reversed(range(n)) for p in (begin[i], end[i])]
+            ones = F.pad(ones, pad_arg)
+        else:  # reflect / replicate / circular copy the constant: the padded image is still all ones
+            ones = torch.ones((1, 1) + padded, dtype=torch.float64)
+        span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation_t)]
+        if any(p < s for p, s in zip(padded, span)):
+            raise RewriteError(f"input_shape {shape} with padding {padding!r} is smaller than the kernel span {tuple(span)}")
+        out = _CONV_FN[n](ones, taps.unsqueeze(1), None, stride_t, 0, dilation_t)
+    else:
+        if padding_mode != "zeros":
+            raise RewriteError(f"conv_transpose supports only padding_mode='zeros', got {padding_mode!r}")
+        if isinstance(padding, str):
+            raise RewriteError("conv_transpose takes numeric padding, not 'same'/'valid'")
+        out_pad = _tuple(output_padding if output_padding is not None else 0, n, "output_padding")
+        if min(out_pad) < 0:
+            raise RewriteError(f"output_padding must be non-negative, got {output_padding!r}")
+        ones = torch.ones((1, 1) + shape, dtype=torch.float64)
+        full = _CONV_T_FN[n](ones, taps.unsqueeze(0), None, stride_t, 0, 0, 1, dilation_t)
+        # Padding crops `begin` at the start and `end` at the end; output_padding appends positions
+        # that no input reaches (zeros). Same rule as PyTorch and ONNX ConvTranspose.
+        full = F.pad(full, [p for i in reversed(range(n)) for p in (0, out_pad[i])])
+        index = [slice(None), slice(None)]
+        for i in range(n):
+            length = full.shape[2 + i] - begin[i] - end[i]
+            if length < 1:
+                raise RewriteError(f"conv_transpose padding {padding!r} leaves no output for input_shape {shape}")
+            index.append(slice(begin[i], begin[i] + length))
+        out = full[tuple(index)]
+    response = out[0].numpy()
+    return _like(np.ascontiguousarray(response), weight, keep_float64=True)
+
+
+def is_uniform(response: Any, rtol: float = 1e-12) -> bool:
+    """True when a :func:`shift_response` is constant over space in every output channel.
+
+    Channel ``c`` counts as constant when ``max - min <= rtol * max|response|`` (the scale is the
+    whole response's largest magnitude, so float64 rounding in a channel that cancels to ~0 does not
+    read as structure). Then the response is a plain bias, e.g. ``fold_bn_before``'s. A response with
+    NaN/inf is never uniform; an empty one is.
+    """
+    r = _f64(response, "response")
+    if r.ndim < 1:
+        raise RewriteError("response must be (Cout, *spatial), got a scalar")
+    if r.size == 0:
+        return True
+    if not np.all(np.isfinite(r)):
+        return False
+    flat = r.reshape(r.shape[0], -1)
+    spread = flat.max(axis=1) - flat.min(axis=1)
+    scale = float(np.abs(flat).max())
+    return bool(np.all(spread <= float(rtol) * scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# unfusion
+
+
+def unfold_bn_params(
+    weight: Any,
+    bias: Any,
+    *,
+    kind: str,
+    groups: int = 1,
+    channel_mean: Any,
+    channel_std: Any,
+    eps: float = 1e-5,
+) -> tuple[Any, dict[str, Any]]:
+    """Split a fused layer ``y = layer_W(x) + b`` into ``BN(layer_W_nobias(x))``, exact in eval mode.
+
+    ``channel_mean``/``channel_std`` are per-output-channel statistics of ``layer_W(x)`` *without its
+    bias*, measured on data (``mu_c``, ``sigma_c``). Returns ``(conv_weight, bn)`` where
+    ``conv_weight`` is a copy of ``weight`` (the layer loses its bias) and ``bn`` has
+
+    - ``running_mean = mu``
+    - ``running_var = max(sigma**2 - eps, 0)``           (so that ``sqrt(running_var + eps) = sigma``)
+    - ``weight = gamma = sqrt(running_var + eps)``         (``= sigma`` unless ``sigma**2 < eps``)
+    - ``bias = beta = mu + b``
+
+    Eval-mode BN computes ``(z - mu) * gamma / sqrt(running_var + eps) + beta = (z - mu) + mu + b = z + b``,
+    exactly the fused layer. In train mode on data like the measured data the batch statistics are
+    ``~ (mu, sigma)`` and the output is ``~ z + b`` as well, so fine-tuning starts from the fused
+    function but with BN's parameterization (``gamma = sigma``, ``beta = mu`` as in the Proxy Norm
+    paper's expressivity argument). Arrays come back in ``weight``'s kind, dtype and device.
+    """
+    _check_weight(weight)
+    _, cout = layer_channels(weight.shape, kind, groups)
+    mu = _vector(channel_mean, cout, "channel_mean")
+    sigma = _vector(channel_std, cout, "channel_std")
+    b = _vector(bias, cout, "layer bias", default=0.0)
+    eps = float(eps)
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
+        raise RewriteError("channel_mean/channel_std contain NaN/inf; measure the statistics on finite data")
+    if np.any(sigma < 0) or eps <= 0:
+        raise RewriteError("channel_std must be >= 0 and eps > 0 to unfold a BN")
+    running_var = np.maximum(sigma * sigma - eps, 0.0)
+    gamma = np.sqrt(running_var + eps)
+    beta = mu + b
+    bn = {
+        "weight": _like(gamma, weight),
+        "bias": _like(beta, weight),
+        "running_mean": _like(mu, weight),
+        "running_var": _like(running_var, weight),
+    }
+    copy = weight.detach().clone() if isinstance(weight, torch.Tensor) else weight.copy()
+    return copy, bn

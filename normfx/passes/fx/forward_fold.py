@@ -1,0 +1,86 @@
+"""Rule: BatchNorm → Conv / ConvTranspose / Linear folds into the following layer.
+
+The scale goes into the layer's input channels; the shift becomes a bias where every output sees
+the same taps (Linear, unpadded conv, non-zero padding modes). For a zero-padded conv (or a
+ConvTranspose) border outputs see fewer taps: with the input shape known (``example_inputs``) the
+exact per-position constant is added after the layer ("border correction", exact for that spatial
+size only); without it the BN is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ...fold import fold_bn_before, is_uniform, shift_response
+from .graph_state import GraphState, set_parameters
+from .patterns import BnSite, activation_name, describe_node
+
+__all__ = ["check", "apply"]
+
+
+def _first_arg(node: fx.Node):
+    return node.args[0] if node.args else node.kwargs.get("input")
+
+
+def check(state: GraphState, site: BnSite) -> tuple[fx.Node | None, str]:
+    users = list(site.node.users)
+    if len(users) != 1:
+        names = ", ".join(describe_node(state.gm, u) for u in users) or "nothing"
+        return None, f"the BN output goes to {names}, not to a single Conv/Linear"
+    user = users[0]
+    act = activation_name(state.gm, user)
+    if act is not None:
+        return None, f"pre-activation pattern: BN → {act} → ...; the activation sits between BN and the next layer"
+    layer = state.layer(user)
+    if layer is None:
+        return None, f"the BN output goes to {describe_node(state.gm, user)}, not a Conv/ConvTranspose/Linear"
+    if site.post:
+        return None, f"the BN applies {', '.join(site.post)} after normalizing, which cannot move into the next layer"
+    if _first_arg(user) is not site.node:
+        return None, f"the BN output is not the input of '{user.target}'"
+    shared = state.shared_reason(user)
+    if shared:
+        return None, shared
+    shape = state.input_shape(layer.module)
+    if layer.kind == "linear":
+        if shape is not None and len(shape) != 2:
+            return None, f"'{user.target}' gets a {len(shape)}-D input: BatchNorm1d's axis 1 is not the Linear's features"
+    elif (layer.zero_padded or layer.kind == "conv_transpose") and shape is None:
+        what = "zero-padded conv" if layer.kind == "conv" else "ConvTranspose"
+        return None, (f"BN before a {what} '{user.target}': its shift is not a plain bias at the borders; "
+                      "pass example_inputs to fold it exactly with a border correction")
+    return user, ""
+
+
+def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
+    module, note = state.own_module(layer_node)
+    layer = state.layer(layer_node)
+    old_weight = module.weight.detach()
+    old_bias = None if module.bias is None else module.bias.detach()
+    weight, bias = fold_bn_before(old_weight, old_bias, site.scale, site.shift, kind=layer.kind, groups=layer.groups)
+    details = {"into": state.part.qualified(str(layer_node.target)), "direction": "forward"}
+    if layer.kind != "linear" and (layer.zero_padded or layer.kind == "conv_transpose"):
+        shape = state.input_shape(module)
+        response = torch.as_tensor(shift_response(
+            old_weight, site.shift, kind=layer.kind, input_shape=shape, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=layer.groups, output_padding=layer.output_padding, padding_mode=layer.padding_mode,
+        ))
+        if old_bias is not None:
+            response = response + old_bias.double().reshape((-1,) + (1,) * (response.dim() - 1))
+        if is_uniform(response):
+            bias = response.reshape(response.shape[0], -1)[:, 0].to(old_weight.dtype)
+        else:
+            set_parameters(module, weight, None)
+            border = response.to(old_weight.dtype).unsqueeze(0)
+            state.add_constant_after(layer_node, border, str(layer_node.target).replace(".", "_") + "_bn_shift")
+            state.remove_bn(site, site.input_node)
+            details["border_correction"] = f"exact for input shape {list(shape)} only"
+            if note:
+                details["note"] = note
+            return details
+    set_parameters(module, weight, bias)
+    state.remove_bn(site, site.input_node)
+    if note:
+        details["note"] = note
+    return details

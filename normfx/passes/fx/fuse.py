@@ -1,0 +1,109 @@
+"""Policy ``fuse`` on torch models: fold every BatchNorm into an adjacent Conv/ConvTranspose/Linear.
+
+For each BN call in each traceable part of the model: the backward rule (layer → BN) first, then
+the forward rule (BN → layer, option ``forward``). A BN neither rule takes is reported with both
+reasons; a BN inside a part torch.fx cannot trace is reported with that reason. ``explain`` runs
+this same code on a private copy, so its report is exactly what ``rewrite`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import fx, nn
+
+from ...layers import is_batchnorm
+from ...report import APPLIED, SKIPPED
+from . import backward_fold, forward_fold
+from .graph_state import GraphState
+from .patterns import find_bn_sites, layer_info
+from .tracing import TracedPart, rewrite_traceable_parts
+
+__all__ = ["run", "record_input_shapes"]
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _all_eval(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+
+
+def record_input_shapes(model: nn.Module, example_inputs: tuple) -> dict[int, list[tuple[int, ...]]]:
+    """Input shape of every conv/linear call on ``example_inputs`` (keyed by module id), from one
+    eval-mode forward (so running statistics are not touched)."""
+    shapes: dict[int, list[tuple[int, ...]]] = {}
+    handles = []
+
+    def hook(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(id(module), []).append(tuple(args[0].shape))
+
+    for module in model.modules():
+        if layer_info(module) is not None:
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with _all_eval(model), torch.no_grad():
+            model(*example_inputs)
+    except Exception as exc:
+        from ...errors import InputDataError
+
+        shapes_text = ", ".join(str(list(x.shape)) for x in example_inputs if isinstance(x, torch.Tensor))
+        raise InputDataError(f"the model fails on example_inputs of shape {shapes_text}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def run(model: nn.Module, ctx) -> nn.Module:
+    shapes = record_input_shapes(model, ctx.example_inputs) if ctx.example_inputs is not None else {}
+    untraceable: list[tuple[str, str]] = []
+    handled: set[str] = set()
+    targeted_modules = [n for n, m in model.named_modules() if is_batchnorm(m) and ctx.targets(n)]
+
+    def report(name: str, status: str, reason: str = "", **details) -> None:
+        handled.add(name)
+        ctx.report.add(name, ctx.rule, status, reason, **details)
+
+    def rewrite_graph(part: TracedPart) -> fx.GraphModule:
+        state = GraphState(part, shapes, ctx.option("duplicate_shared"))
+        pending = []
+        for site in find_bn_sites(state.gm, part.qualified):
+            if not ctx.targets(site.name):
+                continue
+            if site.reason:
+                report(site.name, SKIPPED, site.reason)
+                continue
+            layer_node, why = backward_fold.check(state, site)
+            if layer_node is not None:
+                report(site.name, APPLIED, **backward_fold.apply(state, site, layer_node))
+            else:
+                pending.append((site, why))
+        for site, why_backward in pending:
+            if not ctx.option("forward"):
+                report(site.name, SKIPPED, f"{why_backward} (forward fold disabled)")
+                continue
+            layer_node, why_forward = forward_fold.check(state, site)
+            if layer_node is not None:
+                report(site.name, APPLIED, **forward_fold.apply(state, site, layer_node))
+            else:
+                report(site.name, SKIPPED, f"{why_backward}; {why_forward}")
+        return state.finish()
+
+    result = rewrite_traceable_parts(model, rewrite_graph, lambda path, why: untraceable.append((path, why)))
+    for name in targeted_modules:
+        if name not in handled:
+            owner = max((p for p, _ in untraceable if name.startswith(p + ".") or p == ""), key=len, default=None)
+            where = f"'{owner}'" if owner else "its parent"
+            report(name, SKIPPED, f"{where} cannot be traced by torch.fx, so the BN's neighbours are unknown")
+    return result

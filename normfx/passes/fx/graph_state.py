@@ -1,0 +1,124 @@
+"""Graph surgery shared by the fx fold rules: which layer a node calls, how often a module is called,
+private copies of shared modules, constants, and replacing a BatchNorm node by what remains of it."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .patterns import BnSite, LayerInfo, layer_info
+from .tracing import TracedPart
+
+__all__ = ["GraphState"]
+
+
+@dataclass
+class GraphState:
+    """One traced graph being rewritten, and what the rules need to know about it."""
+
+    part: TracedPart
+    input_shapes: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # id(module) -> per call
+    duplicate_shared: bool = True
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.part.graph_module
+
+    def layer(self, node: fx.Node) -> LayerInfo | None:
+        if node.op != "call_module":
+            return None
+        return layer_info(self.gm.get_submodule(node.target))
+
+    def calls(self, target: str) -> int:
+        return sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+    def shared_reason(self, node: fx.Node) -> str:
+        """Why ``node``'s module cannot be edited for this call alone ("" when it can)."""
+        count = self.calls(node.target)
+        module = self.gm.get_submodule(node.target)
+        if count > 1 and not self.duplicate_shared:
+            return f"'{node.target}' is called {count} times; folding into it would change its other calls (duplicate_shared=false)"
+        if count == 1 and len(self.input_shapes.get(id(module), [])) > 1:
+            return f"'{node.target}' is called more than once inside an untraced part of the model; folding would change its other calls"
+        return ""
+
+    def own_module(self, node: fx.Node) -> tuple[nn.Module, str]:
+        """The module ``node`` calls, made private to this call when it is shared (a copy under a new
+        name). Returns the module and a note for the report ("" when nothing was duplicated)."""
+        count = self.calls(node.target)
+        module = self.gm.get_submodule(node.target)
+        if count <= 1:
+            return module, ""
+        private = copy.deepcopy(module)
+        name = self.fresh_name(str(node.target).replace(".", "_") + "_private")
+        self.gm.add_submodule(name, private)
+        note = f"'{node.target}' is called {count} times: folded into a private copy '{self.part.qualified(name)}'"
+        node.target = name
+        return private, note
+
+    def fresh_name(self, base: str) -> str:
+        existing = {n for n, _ in self.gm.named_modules()} | {n for n, _ in self.gm.named_buffers()} | set(dir(self.gm))
+        name, i = base, 1
+        while name in existing:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+    def input_shape(self, module: nn.Module) -> tuple[int, ...] | None:
+        """The input shape ``module`` was called with (when example inputs were given and it was called once)."""
+        shapes = self.input_shapes.get(id(module), [])
+        return shapes[0] if len(set(shapes)) == 1 else None
+
+    def add_constant_after(self, node: fx.Node, value: torch.Tensor, base: str) -> fx.Node:
+        """Insert ``node + constant`` (a new buffer) after ``node``; returns the add node."""
+        name = self.fresh_name(base)
+        self.gm.register_buffer(name, value)
+        with self.gm.graph.inserting_after(node):
+            constant = self.gm.graph.get_attr(name)
+        with self.gm.graph.inserting_after(constant):
+            added = self.gm.graph.call_function(torch.add, (node, constant))
+        node.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
+        return added
+
+    def remove_bn(self, site: BnSite, replacement: fx.Node) -> None:
+        """Make the BN's users read ``replacement`` (through the BN's post modules, if any) and erase
+        the BN node and the constants only it read."""
+        graph = self.gm.graph
+        result = replacement
+        if site.post:
+            name = self.fresh_name(str(site.node.target if site.node.op == "call_module" else site.node.name).replace(".", "_") + "_post")
+            self.gm.add_submodule(name, nn.Sequential(OrderedDict(site.post.items())))
+            with graph.inserting_after(site.node):
+                result = graph.call_module(name, (replacement,))
+        site.node.replace_all_uses_with(result)
+        graph.erase_node(site.node)
+        for target in site.attrs:
+            if not any(n.op == "get_attr" and n.target == target and n.users for n in graph.nodes):
+                for n in [n for n in graph.nodes if n.op == "get_attr" and n.target == target]:
+                    graph.erase_node(n)
+                _delete_attr(self.gm, target)
+
+    def finish(self) -> fx.GraphModule:
+        self.gm.graph.eliminate_dead_code()
+        self.gm.graph.lint()
+        self.gm.delete_all_unused_submodules()
+        self.gm.recompile()
+        return self.gm
+
+
+def set_parameters(module: nn.Module, weight: Any, bias: Any) -> None:
+    """Give a conv/linear new weight and bias Parameters (never writing into shared storage)."""
+    requires_grad = module.weight.requires_grad
+    module.weight = nn.Parameter(torch.as_tensor(weight), requires_grad=requires_grad)
+    module.bias = nn.Parameter(torch.as_tensor(bias), requires_grad=requires_grad) if bias is not None else None
+
+
+def _delete_attr(gm: fx.GraphModule, target: str) -> None:
+    owner_name, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    if hasattr(owner, attr):
+        delattr(owner, attr)

@@ -1,0 +1,237 @@
+"""Policies: names, parsing, per-layer overrides, and the registry later work adds to.
+
+A *step* is ``"name"`` or ``"name:key=value,key=value"``. A *policy* is a step, a list of steps
+(applied in order), or a mapping from module-name globs to steps/lists of steps (first match wins):
+``{"backbone.*": "frozen", "*": "keep"}``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .errors import PolicyError
+
+__all__ = [
+    "Option",
+    "PolicySpec",
+    "Step",
+    "Policy",
+    "register_policy",
+    "get_policy",
+    "policy_names",
+    "parse_policy",
+]
+
+
+def _to_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+_CONVERTERS: dict[type, Callable[[Any], Any]] = {bool: _to_bool, int: int, float: float, str: str}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a policy accepts: ``name=value`` in a step string."""
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+
+    def convert(self, value: Any, policy: str) -> Any:
+        if isinstance(value, self.type) and not (self.type is int and isinstance(value, bool)):
+            return value
+        try:
+            return _CONVERTERS[self.type](value)
+        except (ValueError, TypeError) as exc:
+            raise PolicyError(
+                f"policy {policy!r}: option {self.name!r} expects {self.type.__name__}, got {value!r} ({exc})"
+            ) from None
+
+
+@dataclass
+class PolicySpec:
+    """What a policy is: its name, its options, and the passes that carry it out per model kind.
+
+    ``torch_pass(model, ctx) -> model`` and ``onnx_pass(model_proto, ctx) -> model_proto`` receive
+    a private copy of the caller's model and may edit it; ``ctx`` is a :class:`normfx.engine.PassContext`.
+    """
+
+    name: str
+    help: str
+    options: Mapping[str, Option] = field(default_factory=dict)
+    torch_pass: Callable[..., Any] | None = None
+    onnx_pass: Callable[..., Any] | None = None
+    needs_data: bool = False
+    exact: bool = True  # the rewrite keeps the model's function (verified to rtol 1e-5)
+
+
+_REGISTRY: dict[str, PolicySpec] = {}
+
+
+def register_policy(spec: PolicySpec, *, replace: bool = False) -> PolicySpec:
+    """Add a policy to the registry (used by normfx's own modules and by plug-ins)."""
+    if spec.name in _REGISTRY and not replace:
+        raise PolicyError(f"policy {spec.name!r} is already registered; pass replace=True to override it")
+    if not spec.name or any(ch in spec.name for ch in ":,=*?"):
+        raise PolicyError(f"invalid policy name {spec.name!r}: use letters, digits, '-' and '_'")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _ensure_builtin_policies() -> None:
+    # Importing the modules registers their policies; done lazily to keep import order simple.
+    from . import builtin_policies  # noqa: F401
+
+
+def policy_names() -> list[str]:
+    _ensure_builtin_policies()
+    return sorted(_REGISTRY)
+
+
+def get_policy(name: str) -> PolicySpec:
+    _ensure_builtin_policies()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PolicyError(
+            f"unknown policy {name!r}; valid policies: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Step:
+    """A policy name with its (validated, typed) options."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def spec(self) -> PolicySpec:
+        return get_policy(self.name)
+
+    def option(self, key: str) -> Any:
+        return dict(self.options)[key]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def __str__(self) -> str:
+        defaults = {k: o.default for k, o in self.spec.options.items()}
+        changed = [(k, v) for k, v in self.options if defaults.get(k) != v]
+        if not changed:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in changed)
+
+    @classmethod
+    def parse(cls, text: "str | Step", extra: Mapping[str, Any] | None = None) -> "Step":
+        """Parse ``"name:key=value,..."``; ``extra`` supplies options by keyword (e.g. from ``rewrite``)."""
+        if isinstance(text, Step):
+            return text
+        if not isinstance(text, str):
+            raise PolicyError(f"a policy step must be a string like 'fuse' or 'fuse:key=value', got {text!r}")
+        name, _, rest = text.strip().partition(":")
+        spec = get_policy(name.strip())
+        given: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in rest.split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise PolicyError(f"policy {spec.name!r}: option {item!r} must be written key=value")
+            given[key.strip()] = value.strip()
+        for key, value in (extra or {}).items():
+            if key in spec.options:
+                given.setdefault(key, value)
+        unknown = sorted(set(given) - set(spec.options))
+        if unknown:
+            valid = ", ".join(sorted(spec.options)) or "none"
+            raise PolicyError(f"policy {spec.name!r}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+        values = {k: opt.convert(given[k], spec.name) if k in given else opt.default for k, opt in spec.options.items()}
+        return cls(spec.name, tuple(sorted(values.items())))
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An ordered list of (glob, steps) rules; a layer gets the steps of the first glob it matches."""
+
+    rules: tuple[tuple[str, tuple[Step, ...]], ...]
+
+    def steps_for(self, layer_name: str) -> tuple[Step, ...]:
+        for pattern, steps in self.rules:
+            if fnmatch.fnmatchcase(layer_name, pattern):
+                return steps
+        return ()
+
+    def ordered_steps(self) -> list[Step]:
+        """Every distinct step, in order of first appearance; each runs once over its layers."""
+        seen: list[Step] = []
+        for _, steps in self.rules:
+            for step in steps:
+                if step not in seen:
+                    seen.append(step)
+        return seen
+
+    def targets(self, step: Step, layer_name: str) -> bool:
+        return step in self.steps_for(layer_name)
+
+    def __str__(self) -> str:
+        if len(self.rules) == 1 and self.rules[0][0] == "*":
+            return " + ".join(str(s) for s in self.rules[0][1])
+        return "; ".join(f"{g} -> {' + '.join(str(s) for s in steps)}" for g, steps in self.rules)
+
+
+def _steps(value: Any, extra: Mapping[str, Any] | None) -> tuple[Step, ...]:
+    if isinstance(value, (str, Step)):
+        return (Step.parse(value, extra),)
+    if isinstance(value, Sequence) and value and all(isinstance(v, (str, Step)) for v in value):
+        return tuple(Step.parse(v, extra) for v in value)
+    raise PolicyError(f"expected a policy step or a non-empty list of steps, got {value!r}")
+
+
+def parse_policy(policy: Any, extra: Mapping[str, Any] | None = None) -> Policy:
+    """Normalize any accepted policy form into a :class:`Policy`.
+
+    ``extra`` holds keyword options (``rewrite(..., key=value)``); they fill in options the steps
+    did not set and are ignored by steps that do not have them. Options no step knows raise.
+    """
+    if isinstance(policy, Policy):
+        parsed = policy
+    elif isinstance(policy, Mapping):
+        if not policy:
+            raise PolicyError("an override mapping needs at least one 'glob: step' entry")
+        parsed = Policy(tuple((str(glob), _steps(steps, extra)) for glob, steps in policy.items()))
+    else:
+        parsed = Policy((("*", _steps(policy, extra)),))
+    if extra:
+        known = {k for step in parsed.ordered_steps() for k in step.spec.options}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            valid = ", ".join(sorted(known)) or "none"
+            raise PolicyError(f"unknown option(s) {', '.join(unknown)} for policy {parsed}; valid options: {valid}")
+    return parsed
+
+
+def describe_policies(names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Name, help and options of each registered policy (for ``normfx policies`` and the docs)."""
+    out = []
+    for name in names or policy_names():
+        spec = get_policy(name)
+        out.append(
+            {
+                "name": spec.name,
+                "help": spec.help,
+                "exact": spec.exact,
+                "needs_data": spec.needs_data,
+                "torch": spec.torch_pass is not None,
+                "onnx": spec.onnx_pass is not None,
+                "options": {k: {"type": o.type.__name__, "default": o.default, "help": o.help} for k, o in spec.options.items()},
+            }
+        )
+    return out

@@ -1,0 +1,214 @@
+"""onnxruntime sessions (CPU, and CUDA when present) and interleaved latency measurement."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputDataError, ModelError, ProviderError
+
+__all__ = [
+    "OPTIMIZATION_LEVELS",
+    "Timing",
+    "available_providers",
+    "is_onnx_like",
+    "make_session",
+    "session_runner",
+    "feed_for",
+    "time_sessions",
+    "random_inputs",
+]
+
+log = logging.getLogger(__name__)
+
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NUMPY_FOR_ORT = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return [short for short, full in _PROVIDERS.items() if full in ort.get_available_providers()]
+
+
+def is_onnx_like(model: Any) -> bool:
+    import onnx
+    import onnxruntime as ort
+
+    return isinstance(model, (onnx.ModelProto, ort.InferenceSession, str, os.PathLike))
+
+
+def _session_options(optimization: str, threads: int | None):
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise InputDataError(f"unknown optimization level {optimization!r}; valid: {', '.join(OPTIMIZATION_LEVELS)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def make_session(model: Any, *, provider: str = "cpu", optimization: str = "all", threads: int | None = None):
+    """An ``onnxruntime.InferenceSession`` for a ModelProto, a path, or (returned as is) a session."""
+    import onnx
+    import onnxruntime as ort
+
+    if isinstance(model, ort.InferenceSession):
+        return model
+    if provider not in _PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; valid: {', '.join(_PROVIDERS)}")
+    if provider not in available_providers():
+        raise ProviderError(
+            f"provider {provider!r} is not available in this onnxruntime build (available: {', '.join(available_providers())}); "
+            "install onnxruntime-gpu for CUDA"
+        )
+    if isinstance(model, onnx.ModelProto):
+        source, label = model.SerializeToString(), "the ONNX model"
+    else:
+        source = label = os.fspath(model)
+        if not os.path.isfile(source):
+            raise ModelError(f"ONNX file {source!r} does not exist")
+    providers = [_PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    try:
+        return ort.InferenceSession(source, sess_options=_session_options(optimization, threads), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"onnxruntime cannot load {label}: {first}") from None
+
+
+def feed_for(session, arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map arrays to the session's inputs (by name for a dict, else by position), casting floats to the
+    dtype each input declares."""
+    inputs = session.get_inputs()
+    if isinstance(arrays, Mapping):
+        missing = [i.name for i in inputs if i.name not in arrays]
+        if missing:
+            raise InputDataError(f"inputs lack {', '.join(missing)}; the model's inputs are {', '.join(i.name for i in inputs)}")
+        ordered = [arrays[i.name] for i in inputs]
+    else:
+        if len(arrays) != len(inputs):
+            raise InputDataError(
+                f"got {len(arrays)} input array(s) but the model takes {len(inputs)} ({', '.join(i.name for i in inputs)})"
+            )
+        ordered = list(arrays)
+    feed = {}
+    for spec, array in zip(inputs, ordered):
+        want = _NUMPY_FOR_ORT.get(spec.type)
+        array = np.asarray(array)
+        if want is not None and array.dtype != want:
+            if np.issubdtype(array.dtype, np.floating) != np.issubdtype(np.dtype(want), np.floating):
+                raise InputDataError(f"input {spec.name!r} expects {spec.type}, got an array of {array.dtype}")
+            array = array.astype(want)
+        feed[spec.name] = array
+    return feed
+
+
+def session_runner(session) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
+    def run(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return list(session.run(None, feed_for(session, arrays)))
+
+    return run
+
+
+@dataclass
+class Timing:
+    """Latency of one model over ``runs`` timed runs, in milliseconds."""
+
+    label: str
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def time_sessions(
+    sessions: Mapping[str, Any],
+    arrays: Sequence[np.ndarray],
+    *,
+    runs: int = 50,
+    warmup: int = 5,
+    progress: bool = False,
+) -> dict[str, Timing]:
+    """Time several sessions on the same inputs, interleaved run by run (order alternating each round),
+    so that machine noise hits all of them alike. Returns one :class:`Timing` per label."""
+    if runs < 1:
+        raise InputDataError(f"runs must be at least 1, got {runs}")
+    feeds = {label: feed_for(s, arrays) for label, s in sessions.items()}
+    for _ in range(warmup):
+        for label, session in sessions.items():
+            session.run(None, feeds[label])
+    samples: dict[str, list[float]] = {label: [] for label in sessions}
+    labels = list(sessions)
+    rounds = range(runs)
+    if progress:
+        from tqdm import tqdm
+
+        rounds = tqdm(rounds, desc="timing", unit="round", leave=False)
+    for i in rounds:
+        for label in labels if i % 2 == 0 else reversed(labels):
+            start = time.perf_counter()
+            sessions[label].run(None, feeds[label])
+            samples[label].append((time.perf_counter() - start) * 1e3)
+    return {
+        label: Timing(label, float(np.median(t)), float(np.percentile(t, 90)), float(np.min(t)), len(t))
+        for label, t in samples.items()
+    }
+
+
+def random_inputs(model: Any, *, batch: int = 1, seed: int = 0) -> list[np.ndarray]:
+    """Random arrays for the graph inputs of an ONNX model/path/session: dynamic first axes take
+    ``batch``; any other dynamic axis is an error that asks for explicit inputs."""
+    import onnxruntime as ort
+
+    session = model if isinstance(model, ort.InferenceSession) else make_session(model, optimization="disable")
+    generator = np.random.default_rng(seed)
+    arrays = []
+    for spec in session.get_inputs():
+        shape = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int) and dim > 0:
+                shape.append(dim)
+            elif axis == 0:
+                shape.append(batch)
+            else:
+                raise InputDataError(
+                    f"input {spec.name!r} has a dynamic axis {axis} ({dim!r}); pass explicit inputs (--inputs x.npz)"
+                )
+        dtype = _NUMPY_FOR_ORT.get(spec.type)
+        if dtype is None:
+            raise InputDataError(f"input {spec.name!r} has type {spec.type}, which normfx cannot generate; pass --inputs")
+        if np.issubdtype(np.dtype(dtype), np.floating):
+            arrays.append(generator.standard_normal(shape).astype(dtype))
+        elif dtype is np.bool_:
+            arrays.append(generator.random(shape) > 0.5)
+        else:
+            arrays.append(generator.integers(0, 10, size=shape).astype(dtype))
+    return arrays

@@ -1,0 +1,184 @@
+"""Numerical equivalence: torch vs torch, torch vs onnxruntime, onnxruntime vs onnxruntime.
+
+The error of one output is ``max|Δ|`` (absolute) and ``max|Δ| / max|y_ref|`` (relative); a result is
+``ok`` when every output satisfies ``max|Δ| <= atol + rtol * max|y_ref|``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputDataError, ModelError, VerificationError
+
+__all__ = ["OutputError", "VerifyResult", "verify", "load_inputs", "as_runner", "flatten_outputs"]
+
+Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+@dataclass
+class OutputError:
+    """Error of one output (``index`` in the flattened output list; ``name`` for ONNX outputs)."""
+
+    index: int
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    max_abs_reference: float
+    ok: bool
+
+
+@dataclass
+class VerifyResult:
+    """The worst errors over all outputs, and each output's."""
+
+    max_abs_error: float
+    max_rel_error: float
+    ok: bool
+    rtol: float
+    atol: float
+    outputs: list[OutputError] = field(default_factory=list)
+
+    @property
+    def worst(self) -> OutputError:
+        return max(self.outputs, key=lambda o: (not o.ok, o.max_rel_error))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        worst = self.worst
+        return (
+            f"{verdict}: max rel error {self.max_rel_error:.3g}, max abs error {self.max_abs_error:.3g} "
+            f"over {len(self.outputs)} output(s) (rtol={self.rtol:g}, atol={self.atol:g}; worst: {worst.name} {list(worst.shape)})"
+        )
+
+
+def flatten_outputs(value: Any) -> list[Any]:
+    """Tensors of a (nested tuple/list/dict) output in a stable order."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return [value]
+    if isinstance(value, Mapping):
+        return [leaf for key in value for leaf in flatten_outputs(value[key])]
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [leaf for item in value for leaf in flatten_outputs(item)]
+    if isinstance(value, (int, float)):
+        return [np.asarray(value)]
+    raise VerificationError(f"cannot compare an output of type {type(value).__name__}; return tensors, tuples or dicts")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def load_inputs(inputs: Any) -> list[np.ndarray]:
+    """Inputs as a list of arrays: a tensor/array, a tuple/list of them, a dict, or a ``.npz``/``.npy`` path."""
+    if isinstance(inputs, (str, os.PathLike)):
+        path = os.fspath(inputs)
+        if not os.path.isfile(path):
+            raise InputDataError(f"inputs file {path!r} does not exist")
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except Exception as exc:  # numpy raises several types for bad files
+            raise InputDataError(f"cannot read inputs file {path!r} as .npz/.npy ({exc})") from None
+        if isinstance(loaded, np.ndarray):
+            return [loaded]
+        with loaded:
+            return [loaded[key] for key in loaded.files]
+    if isinstance(inputs, Mapping):
+        return [_to_numpy(v) for v in inputs.values()]
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        return [_to_numpy(inputs)]
+    if isinstance(inputs, Sequence):
+        return [_to_numpy(v) for v in inputs]
+    raise InputDataError(f"inputs must be a tensor, a tuple of tensors, a dict or a .npz path, got {type(inputs).__name__}")
+
+
+def _torch_runner(module: torch.nn.Module) -> Runner:
+    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+        params = list(module.parameters()) + list(module.buffers())
+        device = params[0].device if params else torch.device("cpu")
+        tensors = [torch.from_numpy(np.array(a)).to(device) for a in arrays]
+        with torch.no_grad():
+            out = module(*tensors)
+        return [_to_numpy(o) for o in flatten_outputs(out)]
+
+    return run
+
+
+def as_runner(model: Any, *, provider: str = "cpu", optimization: str = "disable") -> tuple[Runner, list[str] | None]:
+    """A function ``arrays -> output arrays`` for a torch module, an ONNX model/path or an ORT session.
+
+    Also returns the output names where the model has them (ONNX). ONNX models run in onnxruntime
+    with graph optimizations off by default, so the graph itself is what gets checked.
+    """
+    if isinstance(model, torch.nn.Module):
+        return _torch_runner(model), None
+    from . import runtime
+
+    if runtime.is_onnx_like(model):
+        session = runtime.make_session(model, provider=provider, optimization=optimization)
+        return runtime.session_runner(session), [o.name for o in session.get_outputs()]
+    if callable(model):
+        return (lambda arrays: [_to_numpy(o) for o in flatten_outputs(model(*arrays))]), None
+    raise ModelError(f"cannot run a {type(model).__name__}: pass a torch.nn.Module, an ONNX model/path or an onnxruntime session")
+
+
+def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], *, rtol: float, atol: float,
+            names: Sequence[str] | None = None) -> VerifyResult:
+    """Compare two lists of output arrays."""
+    if len(reference) != len(candidate):
+        raise VerificationError(f"reference has {len(reference)} output(s), candidate has {len(candidate)}")
+    outputs = []
+    for i, (ref, cand) in enumerate(zip(reference, candidate)):
+        name = names[i] if names and i < len(names) else f"output[{i}]"
+        if ref.shape != cand.shape:
+            raise VerificationError(f"{name}: reference shape {list(ref.shape)} != candidate shape {list(cand.shape)}")
+        ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
+        delta = float(np.max(np.abs(ref64 - cand64))) if ref.size else 0.0
+        scale = float(np.max(np.abs(ref64))) if ref.size else 0.0
+        if not (np.isfinite(delta) and np.isfinite(scale)):
+            delta = float("inf")
+        rel = delta / scale if scale > 0 else (0.0 if delta == 0 else float("inf"))
+        ok = delta <= atol + rtol * scale
+        outputs.append(OutputError(i, name, tuple(ref.shape), delta, rel, scale, bool(ok)))
+    if not outputs:
+        raise VerificationError("the models have no outputs to compare")
+    return VerifyResult(
+        max_abs_error=max(o.max_abs_error for o in outputs),
+        max_rel_error=max(o.max_rel_error for o in outputs),
+        ok=all(o.ok for o in outputs),
+        rtol=rtol,
+        atol=atol,
+        outputs=outputs,
+    )
+
+
+def verify(reference: Any, candidate: Any, inputs: Any, *, rtol: float = 1e-5, atol: float = 0.0,
+           provider: str = "cpu") -> VerifyResult:
+    """Run ``reference`` and ``candidate`` on ``inputs`` and compare every output.
+
+    Either side may be a ``torch.nn.Module`` (run as it is, under ``no_grad``; its mode is not
+    changed), an ``onnx.ModelProto``, a path to a ``.onnx`` file or an ``onnxruntime.InferenceSession``.
+    ``inputs``: a tensor/array, a tuple of them, a dict, or a ``.npz``/``.npy`` path.
+    """
+    arrays = load_inputs(inputs)
+    ref_run, ref_names = as_runner(reference, provider=provider)
+    cand_run, cand_names = as_runner(candidate, provider=provider)
+    try:
+        ref_out = ref_run(arrays)
+        cand_out = cand_run(arrays)
+    except VerificationError:
+        raise
+    except (RuntimeError, ValueError, TypeError) as exc:
+        shapes = ", ".join(str(list(a.shape)) for a in arrays)
+        raise InputDataError(f"running the models on inputs of shape {shapes} failed: {str(exc).splitlines()[0]}") from exc
+    return compare(ref_out, cand_out, rtol=rtol, atol=atol, names=ref_names or cand_names)

@@ -1,0 +1,72 @@
+"""normfx.verify on torch modules and ONNX models."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import normfx
+from normfx.errors import InputDataError, VerificationError
+
+
+def _net(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh()).eval()
+
+
+def test_identical_models_are_ok_and_errors_are_measured():
+    x = torch.randn(3, 5)
+    net = _net(0)
+    same = normfx.verify(net, net, x)
+    assert same.ok and same.max_abs_error == 0.0 and same.max_rel_error == 0.0
+
+    other = _net(1)
+    result = normfx.verify(net, other, x)
+    y0, y1 = net(x).detach(), other(x).detach()
+    expected_abs = float((y0 - y1).abs().max())
+    assert result.max_abs_error == pytest.approx(expected_abs, rel=1e-6)
+    assert result.max_rel_error == pytest.approx(expected_abs / float(y0.abs().max()), rel=1e-6)
+    assert not result.ok
+    assert "FAILED" in str(result)
+    assert normfx.verify(net, other, x, rtol=0.0, atol=expected_abs * 1.01).ok
+
+
+def test_nested_outputs_and_shape_mismatch():
+    class Two(torch.nn.Module):
+        def forward(self, x):
+            return {"a": x * 2, "b": (x + 1, x.sum())}
+
+    class Wrong(torch.nn.Module):
+        def forward(self, x):
+            return {"a": x * 2, "b": (x[:1] + 1, x.sum())}
+
+    x = torch.randn(2, 3)
+    result = normfx.verify(Two(), Two(), x)
+    assert result.ok and len(result.outputs) == 3
+    with pytest.raises(VerificationError, match="shape"):
+        normfx.verify(Two(), Wrong(), x)
+
+
+def test_torch_against_onnxruntime_and_npz_inputs(tmp_path):
+    net = _net(0)
+    x = torch.randn(2, 5)
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (x,), buffer, dynamo=False, input_names=["x"], output_names=["y"])
+    path = tmp_path / "net.onnx"
+    path.write_bytes(buffer.getvalue())
+    np.savez(tmp_path / "inputs.npz", x=x.numpy())
+    result = normfx.verify(net, str(path), str(tmp_path / "inputs.npz"))
+    assert result.ok and result.max_rel_error < 1e-6
+    assert result.outputs[0].name == "y"
+
+
+def test_bad_inputs_raise_one_line_errors(tmp_path):
+    net = _net(0)
+    with pytest.raises(InputDataError, match="does not exist"):
+        normfx.verify(net, net, str(tmp_path / "missing.npz"))
+    (tmp_path / "bad.npz").write_bytes(b"not numpy")
+    with pytest.raises(InputDataError, match="cannot read inputs"):
+        normfx.verify(net, net, str(tmp_path / "bad.npz"))
+    with pytest.raises(InputDataError, match="shape"):
+        normfx.verify(net, net, torch.randn(2, 7))
