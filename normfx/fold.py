@@ -20,16 +20,15 @@ layout first. BatchNorm in eval mode is the per-channel affine ``y = x * scale +
 ``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale`` (:func:`bn_affine`).
 
 Folding a BN that *follows* a layer is always exact (:func:`fold_bn_after`). Folding a BN that
-*precedes* a layer is exact for the scale; the shift becomes a bias only when every output position
-sees the same input taps — true for linear layers and unpadded convs (:func:`fold_bn_before`). For a
-zero-padded conv (or a conv_transpose whose border outputs see fewer taps) :func:`shift_response`
-gives the exact position-dependent constant, and :func:`is_uniform` says whether it is a plain bias.
+*precedes* a layer is exact for the scale; the shift becomes a plain bias only when every output
+position sees every kernel tap over real input — true for linear layers and unpadded convs
+(:func:`fold_bn_before`). For a zero-padded conv, or a conv_transpose (stride > 1 gives each output
+pixel its own subset of taps; borders see fewer), :func:`shift_response` gives the exact
+position-dependent constant, and :func:`is_uniform` says whether it is a plain bias after all.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,8 +48,6 @@ __all__ = [
     "layer_channels",
     "per_channel",
 ]
-
-logger = logging.getLogger(__name__)
 
 KINDS = ("conv", "conv_transpose", "linear")
 """The layer kinds the fold functions understand."""
@@ -268,8 +265,10 @@ def fold_bn_before(weight: Any, bias: Any, scale: Any, shift: Any, *, kind: str,
     - ``linear``: always exact;
     - ``conv``: exact when the conv is unpadded (``padding=0``, or a non-zero padding mode such as
       reflect/replicate/circular, which pads a constant with itself);
-    - ``conv_transpose``: exact only when every output pixel receives the same set of taps (e.g.
-      ``kernel == stride`` with no padding); border pixels of a general transposed conv see fewer taps.
+    - ``conv_transpose``: exact only when every output pixel receives *every* kernel tap: stride 1
+      and ``padding >= dilation * (k - 1) + output_padding`` per dim (a valid conv in disguise). With
+      stride > 1 each output pixel sees its own subset (phase) of the taps — even ``kernel == stride``
+      is position-dependent — and with smaller padding the border pixels see fewer taps.
 
     Otherwise use the weight from this function with ``bias=None`` and add
     ``shift_response(weight, shift, ...) + b`` (a per-position constant) instead of ``new_bias``.

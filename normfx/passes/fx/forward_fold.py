@@ -66,11 +66,9 @@ def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
             old_weight, site.shift, kind=layer.kind, input_shape=shape, stride=layer.stride, padding=layer.padding,
             dilation=layer.dilation, groups=layer.groups, output_padding=layer.output_padding, padding_mode=layer.padding_mode,
         ))
-        if old_bias is not None:
-            response = response + old_bias.double().reshape((-1,) + (1,) * (response.dim() - 1))
-        if is_uniform(response):
-            bias = response.reshape(response.shape[0], -1)[:, 0].to(old_weight.dtype)
-        else:
+        if not is_uniform(response):  # else fold_bn_before's bias is exact (and bit-identical to the ONNX route)
+            if old_bias is not None:
+                response = response + old_bias.double().reshape((-1,) + (1,) * (response.dim() - 1))
             set_parameters(module, weight, None)
             border = response.to(old_weight.dtype).unsqueeze(0)
             state.add_constant_after(layer_node, border, str(layer_node.target).replace(".", "_") + "_bn_shift")

@@ -1,0 +1,203 @@
+"""Policy ``fuse`` on torch models (torch.fx route): every zoo model, the traps, and each skip reason."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import normfx
+from normfx import models
+from normfx.errors import RewriteError
+from normfx.layers import is_batchnorm
+
+from helpers import assert_state_equal, rel_error, snapshot, storages
+
+FULLY_FOLDED = [
+    "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "unet", "conv1d", "conv3d", "mlp", "bn_conv",
+    "trap_bn_act", "trap_functional_bn", "trap_shared_conv", "trap_shared_bn", "trap_syncbn",
+]
+
+
+def batchnorm_calls(model: nn.Module) -> int:
+    """BN calls left anywhere: BN modules and batch_norm functions called by fx graphs, plus BN modules
+    that live in eager (untraced) modules."""
+    count, called = 0, set()
+    for module in model.modules():
+        if isinstance(module, fx.GraphModule):
+            for node in module.graph.nodes:
+                if node.op == "call_module" and is_batchnorm(module.get_submodule(node.target)):
+                    count += 1
+                    called.add(id(module.get_submodule(node.target)))
+                elif node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
+                    count += 1
+    return count + sum(1 for m in model.modules() if is_batchnorm(m) and id(m) not in called)
+
+
+def _randomized(model: nn.Module, seed: int = 5) -> nn.Module:
+    models.randomize_batchnorm(model, seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_fuse_is_exact_and_leaves_only_reasoned_bn(name):
+    model = models.create(name, seed=2)
+    x = models.example_input(name, batch=2, seed=2)
+    before = snapshot(model)
+    with torch.no_grad():
+        y = model(x)
+    fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
+    assert_state_equal(before, model)
+    assert not storages(fused) & storages(model)
+    with torch.no_grad():
+        assert rel_error(y, fused(x)) <= 1e-5
+    assert batchnorm_calls(fused) == len(report.skipped)
+    assert all(e.reason for e in report.skipped)
+    explained = normfx.explain(model, "fuse", example_inputs=x)
+    assert [(e.name, e.status, e.reason) for e in explained.entries] == [(e.name, e.status, e.reason) for e in report.entries]
+    if name in FULLY_FOLDED:
+        assert batchnorm_calls(fused) == 0 and not report.skipped
+
+
+def test_preact_and_densenet_skips_name_the_preactivation_pattern():
+    for name in ("preact_resnet", "densenet"):
+        report = normfx.explain(models.create(name), "fuse", example_inputs=models.example_input(name))
+        assert report.skipped
+        assert all("pre-activation" in e.reason or "not a Conv" in e.reason for e in report.skipped)
+
+
+def test_shared_conv_is_duplicated_or_skipped_never_corrupted():
+    model = models.create("trap_shared_conv")
+    x = models.example_input("trap_shared_conv", batch=2)
+    fused, report = normfx.rewrite_with_report(model, "fuse")
+    notes = [e.details.get("note", "") for e in report.applied]
+    assert any("private copy" in n for n in notes)
+    assert rel_error(model(x), fused(x)) <= 1e-5
+    kept, report = normfx.rewrite_with_report(model, "fuse:duplicate_shared=false")
+    reasons = [e.reason for e in report.skipped]
+    assert any("called 2 times" in r for r in reasons)
+    assert rel_error(model(x), kept(x)) <= 1e-5
+
+
+def test_bn_used_twice_folds_at_both_calls():
+    model = models.create("trap_shared_bn")
+    x = models.example_input("trap_shared_bn", batch=2)
+    fused, report = normfx.rewrite_with_report(model, "fuse")
+    shared = [n for n, m in model.named_modules() if is_batchnorm(m)]
+    assert len(report.applied) >= 2 and batchnorm_calls(fused) == 0
+    assert rel_error(model(x), fused(x)) <= 1e-5
+    assert shared
+
+
+def test_untraceable_submodule_costs_only_its_own_folds():
+    model = models.create("trap_untraceable")
+    x = models.example_input("trap_untraceable", batch=2)
+    fused, report = normfx.rewrite_with_report(model, "fuse")
+    assert report.applied, "the traceable parts must still be folded"
+    assert report.skipped and all("cannot be traced by torch.fx" in e.reason for e in report.skipped)
+    assert rel_error(model(x), fused(x)) <= 1e-5
+
+
+class _TwoUsers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _Functional(nn.Module):
+    def __init__(self, training: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.register_buffer("rm", torch.randn(4))
+        self.register_buffer("rv", torch.rand(4) + 0.5)
+        self.training_flag = training
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.rm, self.rv, None, None, self.training_flag, 0.1, 1e-5)
+
+
+def test_skip_reasons_for_declined_sites():
+    x = torch.randn(2, 3, 8, 8)
+    report = normfx.explain(_randomized(_TwoUsers()), "fuse")
+    assert report.skipped[0].name == "bn" and "also used by" in report.skipped[0].reason
+
+    training = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
+    report = normfx.explain(training, "fuse")
+    assert "training mode" in report.skipped[0].reason
+
+    report = normfx.explain(_Functional(training=True).eval(), "fuse")
+    assert "training=True" in report.skipped[0].reason
+
+    pooled = _randomized(nn.Sequential(nn.MaxPool2d(2), nn.BatchNorm2d(3), nn.Flatten()))
+    report = normfx.explain(pooled, "fuse")
+    assert "MaxPool2d" in report.skipped[0].reason and "Flatten" in report.skipped[0].reason
+
+    with pytest.raises(RewriteError, match="strict=True"):
+        normfx.rewrite(pooled, "fuse", strict=True)
+
+
+def test_functional_bn_with_constant_statistics_folds_exactly():
+    torch.manual_seed(0)
+    model = _Functional(training=False).eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused, report = normfx.rewrite_with_report(model, "fuse")
+    assert len(report.applied) == 1 and batchnorm_calls(fused) == 0
+    assert rel_error(model(x), fused(x)) <= 1e-5
+    assert not any(k in dict(fused.named_buffers()) for k in ("rm", "rv"))
+
+
+def test_forward_fold_padded_conv_needs_shapes_and_then_is_exact():
+    model = _randomized(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 5, 3, padding=1), nn.ReLU()))
+    x = torch.randn(2, 3, 9, 7)
+    report = normfx.explain(model, "fuse")
+    assert "pass example_inputs" in report.skipped[0].reason
+    fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
+    assert "exact for input shape [2, 3, 9, 7]" in report.applied[0].details["border_correction"]
+    assert rel_error(model(x), fused(x)) <= 1e-5
+    off = normfx.explain(model, "fuse:forward=false", example_inputs=x)
+    assert "forward fold disabled" in off.skipped[0].reason
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 6, 1),
+    nn.Conv2d(3, 6, 3, stride=2, dilation=2),
+    nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(6, 6, 3, groups=6, bias=False),
+    nn.Conv2d(6, 4, 3, groups=2),
+])
+def test_forward_fold_exact_without_shapes(conv):
+    cin = conv.in_channels
+    model = _randomized(nn.Sequential(nn.BatchNorm2d(cin), conv))
+    x = torch.randn(2, cin, 11, 11)
+    fused, report = normfx.rewrite_with_report(model, "fuse")
+    assert len(report.applied) == 1 and report.applied[0].details["direction"] == "forward"
+    assert rel_error(model(x), fused(x)) <= 1e-5
+
+
+def test_linear_with_3d_input_is_not_folded_into_bn1d():
+    model = _randomized(nn.Sequential(nn.Linear(8, 5), nn.BatchNorm1d(5)))
+    x = torch.randn(4, 5, 8)  # BN1d normalizes axis 1 (5 positions), not the Linear's features
+    fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
+    assert report.skipped and "3-D input" in report.skipped[0].reason
+    assert rel_error(model(x), fused(x)) <= 1e-5
+
+
+def test_float64_model_and_conv_without_bias():
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fused = normfx.rewrite(model, "fuse")
+    assert fused.get_submodule("0").weight.dtype == torch.float64
+    assert rel_error(model(x), fused(x)) <= 1e-12
+
+
+def test_override_folds_only_matching_layers():
+    model = models.create("resnet18")
+    x = models.example_input("resnet18")
+    fused, report = normfx.rewrite_with_report(model, {"layer1.*": "fuse", "*": "keep"})
+    folded = {e.name for e in report.applied}
+    assert folded and all(name.startswith("layer1.") for name in folded)
+    assert rel_error(model(x), fused(x)) <= 1e-5
