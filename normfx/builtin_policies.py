@@ -55,6 +55,7 @@ register_policy(
             ),
         },
         torch_pass=_lazy("normfx.passes.fx.fuse:run"),
+        copies_input=True,
         onnx_pass=_lazy("normfx.passes.onnx.fuse:run"),
     )
 )

@@ -31,6 +31,7 @@ class PassContext:
     data: Any = None
     dry_run: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    owns_model: bool = True  # False: the model is the caller's; the pass must not mutate it (copies_input)
 
     def targets(self, layer_name: str) -> bool:
         """True when the policy assigns this step to the layer (first matching glob wins)."""
@@ -81,24 +82,30 @@ def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: di
         work = load_model_proto(model)
         kind, layer_names = "onnx", onnx_batchnorm_names(work)
     elif isinstance(model, torch.nn.Module):
-        work = copy.deepcopy(model)
+        work = model  # copied below, unless the first pass makes its own private model (copies_input)
         kind, layer_names = "torch", _batchnorm_names(model)
     else:
         raise ModelError(
             f"cannot rewrite a {type(model).__name__}: pass a torch.nn.Module, an onnx.ModelProto or a path to a .onnx file"
         )
     inputs = _normalize_inputs(example_inputs)
+    owned = kind == "onnx"
     for step in parsed.ordered_steps():
         spec = step.spec
         run_pass = spec.torch_pass if kind == "torch" else spec.onnx_pass
         if run_pass is None:
             other = "ONNX" if kind == "torch" else "torch"
             raise PolicyError(f"policy {step.name!r} works on {other} models only; it cannot rewrite a {kind} model")
-        ctx = PassContext(step, parsed, report, inputs, data, dry_run, dict(options))
+        if not owned and not spec.copies_input:
+            work, owned = copy.deepcopy(work), True
+        ctx = PassContext(step, parsed, report, inputs, data, dry_run, dict(options), owns_model=owned)
         log.debug("running step %s (dry_run=%s)", step, dry_run)
         result = run_pass(work, ctx)
         if result is not None:
             work = result
+        owned = True
+    if not owned:
+        work = copy.deepcopy(work)
     seen = report.names()
     for name in layer_names:
         if name not in seen:

@@ -72,6 +72,9 @@ class PolicySpec:
     onnx_pass: Callable[..., Any] | None = None
     needs_data: bool = False
     exact: bool = True  # the rewrite keeps the model's function (verified to rtol 1e-5)
+    # The torch pass accepts the caller's model (ctx.owns_model False), never mutates it and returns a
+    # model sharing nothing with it: the engine then skips its up-front deepcopy.
+    copies_input: bool = False
 
 
 _REGISTRY: dict[str, PolicySpec] = {}

@@ -54,6 +54,7 @@ def check(state: GraphState, site: BnSite) -> tuple[fx.Node | None, str]:
 
 
 def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
+    shape = state.input_shape(state.gm.get_submodule(layer_node.target))  # before the module is made private
     module, note = state.own_module(layer_node)
     layer = state.layer(layer_node)
     old_weight = module.weight.detach()
@@ -61,7 +62,6 @@ def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
     weight, bias = fold_bn_before(old_weight, old_bias, site.scale, site.shift, kind=layer.kind, groups=layer.groups)
     details = {"into": state.part.qualified(str(layer_node.target)), "direction": "forward"}
     if layer.kind != "linear" and (layer.zero_padded or layer.kind == "conv_transpose"):
-        shape = state.input_shape(module)
         response = torch.as_tensor(shift_response(
             old_weight, site.shift, kind=layer.kind, input_shape=shape, stride=layer.stride, padding=layer.padding,
             dilation=layer.dilation, groups=layer.groups, output_padding=layer.output_padding, padding_mode=layer.padding_mode,

@@ -16,7 +16,7 @@ from torch import nn
 from ...layers import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, is_batchnorm
 from ...report import APPLIED, KEPT, SKIPPED
 
-_STANDARD_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+STANDARD_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _PROBE_TOLERANCE = 1e-6
 
 
@@ -52,7 +52,7 @@ def freeze_module(bn: nn.modules.batchnorm._BatchNorm) -> tuple[FrozenBatchNorm 
         return None, "track_running_stats=False: the layer always uses batch statistics, so there is nothing to freeze"
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
         return None, "lazy BatchNorm is not initialized yet: run one forward pass first"
-    standard = type(bn) in _STANDARD_BN
+    standard = type(bn) in STANDARD_BATCHNORM
     post = {} if standard else {name: copy.deepcopy(child) for name, child in bn.named_children()}
     frozen = _frozen_class(bn).from_batchnorm(bn, post=post)
     frozen.train(bn.training)

@@ -19,6 +19,7 @@ from ...layers import is_batchnorm
 from ...report import APPLIED, SKIPPED
 from . import backward_fold, forward_fold
 from .graph_state import GraphState
+from .ownership import Ownership
 from .patterns import find_bn_sites, layer_info
 from .tracing import TracedPart, rewrite_traceable_parts
 
@@ -67,6 +68,7 @@ def record_input_shapes(model: nn.Module, example_inputs: tuple) -> dict[int, li
 
 def run(model: nn.Module, ctx) -> nn.Module:
     shapes = record_input_shapes(model, ctx.example_inputs) if ctx.example_inputs is not None else {}
+    ownership = Ownership(model, ctx.owns_model)
     untraceable: list[tuple[str, str]] = []
     handled: set[str] = set()
     targeted_modules = [n for n, m in model.named_modules() if is_batchnorm(m) and ctx.targets(n)]
@@ -76,7 +78,7 @@ def run(model: nn.Module, ctx) -> nn.Module:
         ctx.report.add(name, ctx.rule, status, reason, **details)
 
     def rewrite_graph(part: TracedPart) -> fx.GraphModule:
-        state = GraphState(part, shapes, ctx.option("duplicate_shared"))
+        state = GraphState(part, shapes, ctx.option("duplicate_shared"), ownership)
         pending = []
         for site in find_bn_sites(state.gm, part.qualified):
             if not ctx.targets(site.name):
@@ -100,7 +102,9 @@ def run(model: nn.Module, ctx) -> nn.Module:
                 report(site.name, SKIPPED, f"{why_backward}; {why_forward}")
         return state.finish()
 
-    result = rewrite_traceable_parts(model, rewrite_graph, lambda path, why: untraceable.append((path, why)))
+    result = rewrite_traceable_parts(model, rewrite_graph, lambda path, why: untraceable.append((path, why)),
+                                     make_private=ownership.private)
+    result = ownership.finish(result)
     for name in targeted_modules:
         if name not in handled:
             owner = max((p for p, _ in untraceable if name.startswith(p + ".") or p == ""), key=len, default=None)

@@ -4,13 +4,14 @@ private copies of shared modules, constants, and replacing a BatchNorm node by w
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .ownership import Ownership
 from .patterns import BnSite, LayerInfo, layer_info
 from .tracing import TracedPart
 
@@ -24,6 +25,8 @@ class GraphState:
     part: TracedPart
     input_shapes: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # id(module) -> per call
     duplicate_shared: bool = True
+    ownership: Ownership | None = None  # set when the graph still holds the caller's modules
+    _calls: Counter | None = field(default=None, repr=False)  # call_module count per target
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -35,7 +38,9 @@ class GraphState:
         return layer_info(self.gm.get_submodule(node.target))
 
     def calls(self, target: str) -> int:
-        return sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == target)
+        if self._calls is None:
+            self._calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
+        return self._calls[target]
 
     def shared_reason(self, node: fx.Node) -> str:
         """Why ``node``'s module cannot be edited for this call alone ("" when it can)."""
@@ -53,11 +58,16 @@ class GraphState:
         count = self.calls(node.target)
         module = self.gm.get_submodule(node.target)
         if count <= 1:
-            return module, ""
+            editable = self.ownership.editable(module) if self.ownership else module
+            if editable is not module:
+                self.gm.set_submodule(node.target, editable)
+            return editable, ""
         private = copy.deepcopy(module)
         name = self.fresh_name(str(node.target).replace(".", "_") + "_private")
         self.gm.add_submodule(name, private)
         note = f"'{node.target}' is called {count} times: folded into a private copy '{self.part.qualified(name)}'"
+        self._calls[node.target] -= 1
+        self._calls[name] += 1
         node.target = name
         return private, note
 

@@ -15,7 +15,7 @@ from torch import fx, nn
 from ...errors import RewriteError
 from ...fold import bn_affine
 from ...layers import FrozenBatchNorm, is_batchnorm
-from .frozen import freeze_module
+from .frozen import STANDARD_BATCHNORM, freeze_module
 
 __all__ = ["BnSite", "LayerInfo", "find_bn_sites", "layer_info", "activation_name", "describe_node"]
 
@@ -107,17 +107,20 @@ def _module_site(gm: fx.GraphModule, node: fx.Node, name: str) -> BnSite:
     module = gm.get_submodule(node.target)
     site = BnSite(node, name)
     if isinstance(module, FrozenBatchNorm):
-        frozen = module
+        source = module
     else:
         if module.training and module.track_running_stats:
             site.reason = "BatchNorm is in training mode: it normalizes with batch statistics (call model.eval() first)"
             return site
-        frozen, why = freeze_module(module)
-        if frozen is None:
-            site.reason = why
-            return site
-    site.scale, site.shift = bn_affine(frozen.running_mean, frozen.running_var, frozen.weight, frozen.bias, frozen.eps)
-    site.post = {n: getattr(module, n) for n in frozen.post_names}
+        if type(module) in STANDARD_BATCHNORM and module.running_mean is not None:
+            source = module  # stock BN in eval: its affine is read directly
+        else:
+            source, why = freeze_module(module)  # subclasses: checked numerically, activation kept as post
+            if source is None:
+                site.reason = why
+                return site
+    site.scale, site.shift = bn_affine(source.running_mean, source.running_var, source.weight, source.bias, source.eps)
+    site.post = {n: getattr(module, n) for n in getattr(source, "post_names", ())}
     return site
 
 
