@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,16 +15,19 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# The main job on the default zoo model.
+# The main job on the default zoo model: fold every BN, export to ONNX, verify in onnxruntime, time.
 demo: setup
 	mkdir -p $(OUT)
-	$(BIN)/python -m normfx rewrite --model resnet18 --policy frozen
+	$(BIN)/python -m normfx export --model resnet18 --policy fuse --out $(OUT)/resnet18_fused.onnx --report $(OUT)/resnet18_report.json
 
 test: setup
 	$(BIN)/python -m pytest -q -n 2
 
 bench: setup
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+lint: setup
+	$(BIN)/ruff check normfx tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .hypothesis

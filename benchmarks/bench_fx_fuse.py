@@ -17,29 +17,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import normfx
 from normfx import models
 from normfx.io_utils import atomic_write_text
-from normfx.layers import is_batchnorm
-
-
-def bn_calls(model: torch.nn.Module) -> int:
-    """BatchNorm calls left: BN modules called by fx graphs, functional batch_norm calls, and BN modules
-    of eager (untraced) parts."""
-    count, called = 0, set()
-    for module in model.modules():
-        if isinstance(module, fx.GraphModule):
-            for node in module.graph.nodes:
-                if node.op == "call_module" and is_batchnorm(module.get_submodule(node.target)):
-                    count += 1
-                    called.add(id(module.get_submodule(node.target)))
-                elif node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
-                    count += 1
-    return count + sum(1 for m in model.modules() if is_batchnorm(m) and id(m) not in called)
+from normfx.inspect import batchnorm_calls
 
 
 def rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -57,7 +41,7 @@ def bench_model(name: str, repeats: int, runs: int, batch: int) -> dict:
     x = models.example_input(name, batch=batch)
     with torch.no_grad():
         y = model(x)
-    original = bn_calls(fx.symbolic_trace(model)) if "traceable" in models.info(name).tags else bn_calls(model)
+    original = batchnorm_calls(fx.symbolic_trace(model)) if "traceable" in models.info(name).tags else batchnorm_calls(model)
     row: dict = {"model": name, "bn_calls": original}
     # pass time, interleaved
     times = {"normfx": [], "fx_fuse": []}
@@ -79,7 +63,7 @@ def bench_model(name: str, repeats: int, runs: int, batch: int) -> dict:
             continue
         with torch.no_grad():
             row[f"{label}_rel_error"] = rel_error(y, model_fused(x))
-        row[f"{label}_folded"] = original - bn_calls(model_fused)
+        row[f"{label}_folded"] = original - batchnorm_calls(model_fused)
         row[f"{label}_pass_ms"] = 1e3 * statistics.median(times[label]) if times[label] else None
     if fused.get("fx_fuse") is not None:
         row["pass_time_ratio"] = row["normfx_pass_ms"] / row["fx_fuse_pass_ms"]

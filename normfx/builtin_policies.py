@@ -53,6 +53,11 @@ register_policy(
             "duplicate_shared": Option(
                 "duplicate_shared", bool, True, "fold into a private copy of a conv/linear module called more than once"
             ),
+            "border_correction": Option(
+                "border_correction", bool, False,
+                "fold a BN into a following zero-padded conv / ConvTranspose with an exact per-position constant "
+                "(needs a fixed input shape; ties the model to it and adds an elementwise Add)",
+            ),
         },
         torch_pass=_lazy("normfx.passes.fx.fuse:run"),
         copies_input=True,

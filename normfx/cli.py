@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import NormfxError, PolicyError, VerificationError
+from .errors import ModelError, NormfxError, PolicyError, VerificationError
 
 log = logging.getLogger("normfx")
 
@@ -134,6 +134,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     from .verify import verify
 
     loaded = load_from_args(args)
+    if loaded.kind == "onnx":
+        raise ModelError(f"`normfx rewrite` rewrites torch models; for {loaded.label} use `normfx export --model {loaded.label} --out OUT.onnx`")
     policy = parse_policy(policy_from_args(args))
     needing = [s.name for s in policy.ordered_steps() if s.spec.needs_data]
     if needing:

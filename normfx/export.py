@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .engine import _normalize_inputs, rewrite_with_report
-from .errors import ModelError, VerificationError
+from .errors import ModelError, PolicyError, VerificationError
 from .io_utils import atomic_write_bytes, check_output_path
 from .policy import parse_policy
 from .report import Report
@@ -131,6 +131,9 @@ def export(
     else:
         from .passes.onnx.io import load_model_proto
 
+        torch_only = [s.name for s in parse_policy(policy).ordered_steps() if s.spec.onnx_pass is None]
+        if torch_only:
+            raise PolicyError(f"policy {', '.join(torch_only)} works on torch models only, not on an ONNX graph")
         exported = load_model_proto(model)
         inputs = example_inputs
         reference = as_runner(exported)[0]

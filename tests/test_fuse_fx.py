@@ -3,34 +3,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import normfx
 from normfx import models
 from normfx.errors import RewriteError
+from normfx.inspect import batchnorm_calls
 from normfx.layers import is_batchnorm
 
 from helpers import assert_state_equal, rel_error, snapshot, storages
 
 FULLY_FOLDED = [
-    "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "unet", "conv1d", "conv3d", "mlp", "bn_conv",
+    "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "unet", "conv1d", "conv3d", "mlp",
     "trap_bn_act", "trap_functional_bn", "trap_shared_conv", "trap_shared_bn", "trap_syncbn",
 ]
-
-
-def batchnorm_calls(model: nn.Module) -> int:
-    """BN calls left anywhere: BN modules and batch_norm functions called by fx graphs, plus BN modules
-    that live in eager (untraced) modules."""
-    count, called = 0, set()
-    for module in model.modules():
-        if isinstance(module, fx.GraphModule):
-            for node in module.graph.nodes:
-                if node.op == "call_module" and is_batchnorm(module.get_submodule(node.target)):
-                    count += 1
-                    called.add(id(module.get_submodule(node.target)))
-                elif node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm):
-                    count += 1
-    return count + sum(1 for m in model.modules() if is_batchnorm(m) and id(m) not in called)
 
 
 def _randomized(model: nn.Module, seed: int = 5) -> nn.Module:
@@ -121,7 +107,6 @@ class _Functional(nn.Module):
 
 
 def test_skip_reasons_for_declined_sites():
-    x = torch.randn(2, 3, 8, 8)
     report = normfx.explain(_randomized(_TwoUsers()), "fuse")
     assert report.skipped[0].name == "bn" and "also used by" in report.skipped[0].reason
 
@@ -153,13 +138,24 @@ def test_functional_bn_with_constant_statistics_folds_exactly():
 def test_forward_fold_padded_conv_needs_shapes_and_then_is_exact():
     model = _randomized(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 5, 3, padding=1), nn.ReLU()))
     x = torch.randn(2, 3, 9, 7)
-    report = normfx.explain(model, "fuse")
+    report = normfx.explain(model, "fuse:border_correction=true")
     assert "pass example_inputs" in report.skipped[0].reason
-    fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
+    report = normfx.explain(model, "fuse", example_inputs=x)
+    assert "set border_correction=true" in report.skipped[0].reason
+    fused, report = normfx.rewrite_with_report(model, "fuse:border_correction=true", example_inputs=x)
     assert "exact for input shape [2, 3, 9, 7]" in report.applied[0].details["border_correction"]
     assert rel_error(model(x), fused(x)) <= 1e-5
     off = normfx.explain(model, "fuse:forward=false", example_inputs=x)
     assert "forward fold disabled" in off.skipped[0].reason
+
+
+def test_bn_conv_folds_completely_with_border_correction():
+    model = models.create("bn_conv")
+    x = models.example_input("bn_conv", batch=2)
+    fused, report = normfx.rewrite_with_report(model, "fuse", border_correction=True, example_inputs=x)
+    assert batchnorm_calls(fused) == 0 and not report.skipped
+    assert any("border_correction" in e.details for e in report.applied)
+    assert rel_error(model(x), fused(x)) <= 1e-5
 
 
 @pytest.mark.parametrize("conv", [

@@ -28,7 +28,7 @@ def test_unknown_policy_lists_valid_names():
 
 
 def test_unknown_option_lists_valid_options():
-    with pytest.raises(PolicyError, match="unknown option.*bogus.*valid options: duplicate_shared, forward"):
+    with pytest.raises(PolicyError, match="unknown option.*bogus.*valid options: border_correction, duplicate_shared, forward"):
         parse_policy("fuse:bogus=1")
 
 

@@ -4,7 +4,8 @@ The scale goes into the layer's input channels; the shift becomes a bias where e
 the same taps (Linear, unpadded conv, non-zero padding modes). For a zero-padded conv (or a
 ConvTranspose) border outputs see fewer taps: with the input shape known (``example_inputs``) the
 exact per-position constant is added after the layer ("border correction", exact for that spatial
-size only); without it the BN is skipped with that reason.
+size only) when the policy option ``border_correction`` is true; otherwise the BN is skipped with that
+reason (the constant ties the model to one input shape).
 """
 
 from __future__ import annotations
@@ -46,11 +47,25 @@ def check(state: GraphState, site: BnSite) -> tuple[fx.Node | None, str]:
     if layer.kind == "linear":
         if shape is not None and len(shape) != 2:
             return None, f"'{user.target}' gets a {len(shape)}-D input: BatchNorm1d's axis 1 is not the Linear's features"
-    elif (layer.zero_padded or layer.kind == "conv_transpose") and shape is None:
+    elif layer.zero_padded or layer.kind == "conv_transpose":
         what = "zero-padded conv" if layer.kind == "conv" else "ConvTranspose"
-        return None, (f"BN before a {what} '{user.target}': its shift is not a plain bias at the borders; "
-                      "pass example_inputs to fold it exactly with a border correction")
+        if shape is None:
+            return None, (f"BN before a {what} '{user.target}': its shift is not a plain bias at the borders; "
+                          "pass example_inputs and border_correction=true to fold it exactly with a border correction")
+        response = _shift_response(layer, site, shape)
+        if not is_uniform(response) and not state.border_correction:
+            return None, (f"BN before a {what} '{user.target}': its shift is not a plain bias at the borders; "
+                          f"set border_correction=true to fold it exactly for input shape {list(shape)} only")
+        state.responses[user] = response
     return user, ""
+
+
+def _shift_response(layer, site: BnSite, shape) -> torch.Tensor:
+    return torch.as_tensor(shift_response(
+        layer.module.weight.detach(), site.shift, kind=layer.kind, input_shape=shape, stride=layer.stride,
+        padding=layer.padding, dilation=layer.dilation, groups=layer.groups, output_padding=layer.output_padding,
+        padding_mode=layer.padding_mode,
+    ))
 
 
 def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
@@ -61,23 +76,16 @@ def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
     old_bias = None if module.bias is None else module.bias.detach()
     weight, bias = fold_bn_before(old_weight, old_bias, site.scale, site.shift, kind=layer.kind, groups=layer.groups)
     details = {"into": state.part.qualified(str(layer_node.target)), "direction": "forward"}
-    if layer.kind != "linear" and (layer.zero_padded or layer.kind == "conv_transpose"):
-        response = torch.as_tensor(shift_response(
-            old_weight, site.shift, kind=layer.kind, input_shape=shape, stride=layer.stride, padding=layer.padding,
-            dilation=layer.dilation, groups=layer.groups, output_padding=layer.output_padding, padding_mode=layer.padding_mode,
-        ))
-        if not is_uniform(response):  # else fold_bn_before's bias is exact (and bit-identical to the ONNX route)
-            if old_bias is not None:
-                response = response + old_bias.double().reshape((-1,) + (1,) * (response.dim() - 1))
-            set_parameters(module, weight, None)
-            border = response.to(old_weight.dtype).unsqueeze(0)
-            state.add_constant_after(layer_node, border, str(layer_node.target).replace(".", "_") + "_bn_shift")
-            state.remove_bn(site, site.input_node)
-            details["border_correction"] = f"exact for input shape {list(shape)} only"
-            if note:
-                details["note"] = note
-            return details
-    set_parameters(module, weight, bias)
+    response = state.responses.pop(layer_node, None)
+    if response is not None and not is_uniform(response):  # else fold_bn_before's bias is exact (as in ONNX)
+        if old_bias is not None:
+            response = response + old_bias.double().reshape((-1,) + (1,) * (response.dim() - 1))
+        set_parameters(module, weight, None)
+        border = response.to(old_weight.dtype).unsqueeze(0)
+        state.add_constant_after(layer_node, border, str(layer_node.target).replace(".", "_") + "_bn_shift")
+        details["border_correction"] = f"exact for input shape {list(shape)} only"
+    else:
+        set_parameters(module, weight, bias)
     state.remove_bn(site, site.input_node)
     if note:
         details["note"] = note

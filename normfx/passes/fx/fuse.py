@@ -78,7 +78,7 @@ def run(model: nn.Module, ctx) -> nn.Module:
         ctx.report.add(name, ctx.rule, status, reason, **details)
 
     def rewrite_graph(part: TracedPart) -> fx.GraphModule:
-        state = GraphState(part, shapes, ctx.option("duplicate_shared"), ownership)
+        state = GraphState(part, shapes, ctx.option("duplicate_shared"), ownership, ctx.option("border_correction"))
         pending = []
         for site in find_bn_sites(state.gm, part.qualified):
             if not ctx.targets(site.name):

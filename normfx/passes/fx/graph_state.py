@@ -26,6 +26,8 @@ class GraphState:
     input_shapes: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # id(module) -> per call
     duplicate_shared: bool = True
     ownership: Ownership | None = None  # set when the graph still holds the caller's modules
+    border_correction: bool = False
+    responses: dict = field(default_factory=dict)  # layer node -> shift response, from check to apply
     _calls: Counter | None = field(default=None, repr=False)  # call_module count per target
 
     @property

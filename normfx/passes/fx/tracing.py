@@ -7,7 +7,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 from torch import fx, nn
 
 from ...layers import is_batchnorm

@@ -1,0 +1,13 @@
+"""ONNX passes (onnx-graphsurgeon), one file per rule family; the math is :mod:`normfx.fold`.
+
+- :mod:`.io` — load a private copy of a model (file or ModelProto), name BatchNormalization nodes
+- :mod:`.keep` / :mod:`.fuse` — the ``keep`` and ``fuse`` policies (``run(model, ctx)``)
+- :mod:`.conv_bn` — Conv / ConvTranspose → BN          (backward fold)
+- :mod:`.gemm_bn` — Gemm / MatMul(+Add) → BN            (backward fold)
+- :mod:`.bn_conv` — BN → Conv / ConvTranspose           (forward fold; padded convs exactly)
+- :mod:`.bn_gemm` — BN → Gemm / MatMul                  (forward fold)
+- :mod:`.standalone_bn` — a BN nothing folds: kept (ORT's kernel is the cheapest form)
+- :mod:`.bn`, :mod:`.chain`, :mod:`.shapes`, :mod:`.constants`, :mod:`.edits`, :mod:`.rule`,
+  :mod:`.workspace` — shared: reading a BN, shape chains, symbolic shapes, constant subgraphs,
+  surgery helpers, the rule result types, and the gs import/export
+"""

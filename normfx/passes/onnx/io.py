@@ -1,0 +1,185 @@
+"""Loading ONNX models for the passes, and naming their BatchNormalization nodes.
+
+``load_model_proto`` always returns a private copy (the caller's ``ModelProto`` and file are never
+touched). A path is read with its external data (resolved relative to the file's folder), so the
+returned model is self-contained; a ``ModelProto`` whose external data was not loaded keeps its
+references (initializers the passes do not edit are written back exactly as they came).
+
+BatchNormalization nodes without a name, or sharing a name with another node, get a stable one
+(``BatchNormalization_{i}``, ``i`` its rank in :func:`batchnorm_nodes` order) so report entries can
+name every layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import onnx
+
+from ...errors import ModelError
+
+__all__ = [
+    "BnLocation",
+    "load_model_proto",
+    "batchnorm_nodes",
+    "onnx_batchnorm_names",
+    "name_batchnorm_nodes",
+    "is_batchnorm",
+]
+
+log = logging.getLogger(__name__)
+
+_BN_OP = "BatchNormalization"
+
+
+def is_batchnorm(node: onnx.NodeProto) -> bool:
+    """True for a default-domain ONNX BatchNormalization node."""
+    return node.op_type == _BN_OP and node.domain in ("", "ai.onnx")
+
+
+@dataclass
+class BnLocation:
+    """One BatchNormalization node and where it lives: ``where`` is ``""`` for the main graph, else a
+    description of the subgraph or local function holding it."""
+
+    node: onnx.NodeProto
+    where: str
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", g
+
+
+def _walk(graph: onnx.GraphProto, where: str) -> Iterator[BnLocation]:
+    for node in graph.node:
+        if is_batchnorm(node):
+            yield BnLocation(node, where)
+        for attr_name, sub in _subgraphs(node):
+            label = f"the {attr_name!r} subgraph of {node.op_type} node {node.name!r}"
+            yield from _walk(sub, label if not where else f"{label} (in {where})")
+
+
+def batchnorm_nodes(model: onnx.ModelProto) -> list[BnLocation]:
+    """Every BatchNormalization node: main graph (in node order, descending into If/Loop/Scan bodies
+    where they occur), then the bodies of local functions."""
+    found = list(_walk(model.graph, ""))
+    for func in model.functions:
+        for node in func.node:
+            if is_batchnorm(node):
+                qualified = f"{func.domain}.{func.name}" if func.domain else func.name
+                found.append(BnLocation(node, f"local function {qualified!r}"))
+    return found
+
+
+def _all_node_names(model: onnx.ModelProto) -> list[str]:
+    names: list[str] = []
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            names.append(node.name)
+            for _, sub in _subgraphs(node):
+                walk(sub)
+
+    walk(model.graph)
+    for func in model.functions:
+        names.extend(node.name for node in func.node)
+    return names
+
+
+def _planned_names(model: onnx.ModelProto) -> list[str]:
+    """The name each BN node has after :func:`name_batchnorm_nodes` (same order as batchnorm_nodes)."""
+    locations = batchnorm_nodes(model)
+    counts: dict[str, int] = {}
+    for name in _all_node_names(model):
+        counts[name] = counts.get(name, 0) + 1
+    taken = {name for name in counts if name}
+    planned: list[str] = []
+    for index, loc in enumerate(locations):
+        name = loc.node.name
+        if name and counts.get(name, 0) == 1:
+            planned.append(name)
+            continue
+        candidate, bump = f"{_BN_OP}_{index}", 0
+        while candidate in taken:
+            bump += 1
+            candidate = f"{_BN_OP}_{index}_{bump}"
+        taken.add(candidate)
+        planned.append(candidate)
+    return planned
+
+
+def onnx_batchnorm_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the BatchNormalization nodes (subgraphs and local functions included), as reported.
+
+    Unnamed or duplicate-named nodes are listed under the name :func:`name_batchnorm_nodes` gives
+    them (``BatchNormalization_{i}``); the model is not modified.
+    """
+    return _planned_names(model)
+
+
+def name_batchnorm_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give unnamed / duplicate-named BatchNormalization nodes their stable names, in place; idempotent."""
+    for loc, name in zip(batchnorm_nodes(model), _planned_names(model)):
+        if loc.node.name != name:
+            loc.node.name = name
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _validate(model: onnx.ModelProto, label: str) -> None:
+    if not model.HasField("graph") or model.ir_version < 1:
+        raise ModelError(f"{label} is not an ONNX model (no graph or IR version); pass a .onnx file or a ModelProto")
+    if model.ir_version >= 3 and not model.opset_import:
+        raise ModelError(f"{label} declares no opset (opset_import is empty); re-export the model with an opset")
+    if not model.graph.output:
+        raise ModelError(f"{label} has a graph without outputs; the file is truncated or not a model")
+
+
+def load_model_proto(model: Any) -> onnx.ModelProto:
+    """A private copy of an ONNX model given as an ``onnx.ModelProto`` or a path to a ``.onnx`` file.
+
+    Raises :class:`~normfx.errors.ModelError` (one line, naming the file) for a missing file, a
+    folder, a file that is not ONNX, a truncated or corrupt protobuf, and missing external data.
+    BatchNormalization nodes are named as described in :func:`name_batchnorm_nodes`.
+    """
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        _validate(copy, "the given ModelProto")
+        return name_batchnorm_nodes(copy)
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(f"cannot load an ONNX model from a {type(model).__name__}; pass a path or an onnx.ModelProto")
+    path = os.fspath(model)
+    label = f"ONNX file {path!r}"
+    if not os.path.exists(path):
+        raise ModelError(f"{label} does not exist; check the path")
+    if os.path.isdir(path):
+        raise ModelError(f"{label} is a folder; pass the .onnx file inside it")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... for bad bytes
+        reason = _first_line(exc)
+        raise ModelError(f"{label} is not a readable ONNX model (corrupt, truncated or not ONNX): {reason}") from None
+    _validate(proto, label)
+    try:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
+    except Exception as exc:  # missing / short external data files
+        reason = _first_line(exc)
+        raise ModelError(f"{label}: cannot load its external data (keep the data files beside it): {reason}") from None
+    log.debug("loaded %s (ir_version=%d)", path, proto.ir_version)
+    return name_batchnorm_nodes(proto)
+
