@@ -1,5 +1,6 @@
-"""The ``normfx`` command line. Library errors become one line on stderr and exit code 2;
-a failed verification exits 1."""
+"""The ``normfx`` command line. Exit codes: 0 ok, 1 verification failed (or ``check``: not equivalent),
+2 bad input (one line on stderr naming the problem and the fix), 3 internal error (one line; ``-v``
+shows the traceback)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .errors import ModelError, NormfxError, PolicyError, VerificationError
 
 log = logging.getLogger("normfx")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -218,7 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `normfx models | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-
+    except (OSError, MemoryError) as exc:
+        sys.stderr.write(f"normfx {args.command}: error: {type(exc).__name__}: {exc}\n")
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # a bug, or a model normfx does not support: one line, traceback with -v
+        if args.verbose:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        sys.stderr.write(f"normfx {args.command}: internal error: {type(exc).__name__}: {first} (rerun with -v for the traceback)\n")
+        return EXIT_INTERNAL
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

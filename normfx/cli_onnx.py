@@ -53,9 +53,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .io_utils import check_output_path
 
         check_output_path(args.report, protect=protect + [args.out])
-    inputs = loaded.example_inputs if loaded.kind != "onnx" else (args.inputs if args.inputs else None)
+    if loaded.kind == "onnx":
+        inputs, check_inputs = (args.inputs or None), None
+    else:
+        inputs, check_inputs = loaded.example_inputs, (args.inputs or None)
     result = export(loaded.model, inputs, args.out, policy=policy_from_args(args), opset=args.opset,
-                    dynamic_batch=not args.static_batch, rtol=args.rtol, atol=args.atol, strict=args.strict)
+                    dynamic_batch=not args.static_batch, rtol=args.rtol, atol=args.atol, strict=args.strict,
+                    check_inputs=check_inputs)
     if result.torch_report is not None:
         result.torch_report.model = loaded.label
         emit("torch.fx route:")
@@ -159,7 +163,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--report", help="also write the reports, verification and latency as JSON here")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--static-batch", action="store_true", help="export a fixed batch axis (default: dynamic)")
-    p.add_argument("--inputs", help=".npz of inputs for an .onnx model (default: random inputs)")
+    p.add_argument("--inputs", help=".npz/.npy of inputs to verify on (an .onnx model: instead of random inputs; "
+                                    "a torch model: in addition to its example input)")
     p.add_argument("--strict", action="store_true", help="fail when any targeted layer is skipped")
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=0.0)

@@ -29,7 +29,7 @@ class PassContext:
     report: Report
     example_inputs: tuple | None = None
     data: Any = None
-    dry_run: bool = False
+    dry_run: bool = False  # explain(): the model is still a private copy; skip only costly work (measuring data)
     extras: dict[str, Any] = field(default_factory=dict)
     owns_model: bool = True  # False: the model is the caller's; the pass must not mutate it (copies_input)
 

@@ -121,6 +121,9 @@ def export(
         check_output_path(target, protect=sources)
     torch_report = None
     if isinstance(model, torch.nn.Module):
+        training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+        if training:
+            raise ModelError(f"the model is in training mode ({training[0]}, ...): call model.eval() before exporting it for inference")
         inputs = _normalize_inputs(example_inputs)
         if inputs is None:
             raise ModelError("export needs example_inputs for a torch model")
@@ -147,7 +150,7 @@ def export(
     verification = compare(reference(arrays), candidate(arrays), rtol=rtol, atol=atol, names=names)
     extra = []
     if dynamic_batch and isinstance(model, torch.nn.Module):
-        other = [np.concatenate([a, a[:1] * 0.5], axis=0) for a in arrays]
+        other = _one_more_sample(arrays)
         extra.append(compare(reference(other), candidate(other), rtol=rtol, atol=atol, names=names))
     if check_inputs is not None:
         more = load_inputs(check_inputs)
@@ -162,7 +165,14 @@ def export(
     return result
 
 
-def _inputs_for(model_proto: Any, inputs: Any) -> list[np.ndarray]:
+def _one_more_sample(arrays: Any) -> Any:
+    """The same inputs with their first sample repeated once more: another batch size to check."""
+    if isinstance(arrays, dict):
+        return {k: np.concatenate([a, a[:1]], axis=0) for k, a in arrays.items()}
+    return [np.concatenate([a, a[:1]], axis=0) for a in arrays]
+
+
+def _inputs_for(model_proto: Any, inputs: Any) -> Any:
     if inputs is not None:
         return load_inputs(inputs)
     from .runtime import random_inputs

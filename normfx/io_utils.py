@@ -28,12 +28,22 @@ def check_output_path(path: str, protect: Sequence[str] = ()) -> str:
     return real
 
 
+def _mode_for(path: str) -> int:
+    """The existing file's mode, or 0666 less the umask for a new file."""
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, protect: Sequence[str] = ()) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
     real = check_output_path(path, protect)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=os.path.dirname(real))
     os.close(fd)
+    os.chmod(tmp, _mode_for(real))  # mkstemp makes 0600; give the file the mode a plain open() would
     try:
         yield tmp
         os.replace(tmp, real)

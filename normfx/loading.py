@@ -49,12 +49,22 @@ def load_factory(spec: str) -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"cannot import {module_name!r} from {spec!r}: {exc}") from None
+    except Exception as exc:  # user code: ImportError, SyntaxError, anything its import runs
+        raise ModelError(f"cannot import {module_name!r} from {spec!r}: {type(exc).__name__}: {_first_line(exc)}") from exc
     factory = getattr(module, attr, None)
     if factory is None:
         raise ModelError(f"module {module_name!r} has no attribute {attr!r}")
-    return factory() if callable(factory) else factory
+    if not callable(factory):
+        return factory
+    try:
+        return factory()
+    except Exception as exc:  # user code
+        raise ModelError(f"{spec}() raised {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _load_weights(model: torch.nn.Module, weights: str) -> None:
@@ -63,15 +73,23 @@ def _load_weights(model: torch.nn.Module, weights: str) -> None:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files
-        raise ModelError(f"cannot read weights {weights!r} (weights_only=True): {str(exc).splitlines()[0]}") from None
+        raise ModelError(
+            f"cannot read weights {weights!r} as a torch state_dict (loaded with weights_only=True; "
+            f"{type(exc).__name__}); save it with torch.save(model.state_dict(), path)"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(f"weights {weights!r} hold a {type(state).__name__}, expected a state_dict")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelError(f"weights {weights!r} do not fit the model: {str(exc).splitlines()[0]}") from None
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches: the details are on the lines after the first
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ModelError(f"weights {weights!r} do not fit the model: {' '.join(lines[1:3]) or lines[0]}") from None
+    problems = [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in (("missing keys", result.missing_keys), ("unexpected keys", result.unexpected_keys)) if keys]
+    if problems:
+        raise ModelError(f"weights {weights!r} do not fit the model ({'; '.join(problems)})")
 
 
 def load_model(spec: str, *, weights: str | None = None, input_shape: Sequence[int] | None = None,

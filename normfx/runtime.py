@@ -106,9 +106,13 @@ def feed_for(session, arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -
     dtype each input declares."""
     inputs = session.get_inputs()
     if isinstance(arrays, Mapping):
-        missing = [i.name for i in inputs if i.name not in arrays]
-        if missing:
-            raise InputDataError(f"inputs lack {', '.join(missing)}; the model's inputs are {', '.join(i.name for i in inputs)}")
+        expected = [i.name for i in inputs]
+        missing, unknown = [n for n in expected if n not in arrays], [n for n in arrays if n not in expected]
+        if missing or unknown:
+            raise InputDataError(
+                f"input names {', '.join(map(str, arrays)) or 'none'} do not match the model's inputs {', '.join(expected)}; "
+                "name the arrays after the model's inputs (or save them positionally with np.savez(path, x))"
+            )
         ordered = [arrays[i.name] for i in inputs]
     else:
         if len(arrays) != len(inputs):
@@ -128,8 +132,8 @@ def feed_for(session, arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -
     return feed
 
 
-def session_runner(session) -> Callable[[Sequence[np.ndarray]], list[np.ndarray]]:
-    def run(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+def session_runner(session) -> Callable[[Any], list[np.ndarray]]:
+    def run(arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return list(session.run(None, feed_for(session, arrays)))
 
     return run
@@ -151,7 +155,7 @@ class Timing:
 
 def time_sessions(
     sessions: Mapping[str, Any],
-    arrays: Sequence[np.ndarray],
+    arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray],
     *,
     runs: int = 50,
     warmup: int = 5,

@@ -13,11 +13,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import InputDataError, ModelError, VerificationError
+from .errors import InputDataError, ModelError, NormfxError, VerificationError
 
-__all__ = ["OutputError", "VerifyResult", "verify", "load_inputs", "as_runner", "flatten_outputs"]
+__all__ = ["OutputError", "VerifyResult", "verify", "load_inputs", "describe_inputs", "as_runner", "flatten_outputs"]
 
-Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
+Runner = Callable[[Any], list[np.ndarray]]  # arrays (list in call order, or dict by name) -> outputs
 
 
 @dataclass
@@ -79,8 +79,17 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def load_inputs(inputs: Any) -> list[np.ndarray]:
-    """Inputs as a list of arrays: a tensor/array, a tuple/list of them, a dict, or a ``.npz``/``.npy`` path."""
+Arrays = "list[np.ndarray] | dict[str, np.ndarray]"
+
+
+def _positional_names(names: Sequence[str]) -> bool:
+    """``np.savez(path, a, b)`` names arrays arr_0, arr_1, ...: positional, not input names."""
+    return all(name == f"arr_{i}" for i, name in enumerate(names))
+
+
+def load_inputs(inputs: Any) -> list[np.ndarray] | dict[str, np.ndarray]:
+    """Inputs as arrays: a dict by input name (from a dict or a ``.npz`` with named arrays), else a list
+    in call order (a tensor/array, a tuple/list of them, a ``.npy``, or a ``.npz`` saved positionally)."""
     if isinstance(inputs, (str, os.PathLike)):
         path = os.fspath(inputs)
         if not os.path.isfile(path):
@@ -92,9 +101,10 @@ def load_inputs(inputs: Any) -> list[np.ndarray]:
         if isinstance(loaded, np.ndarray):
             return [loaded]
         with loaded:
-            return [loaded[key] for key in loaded.files]
+            named = {key: loaded[key] for key in loaded.files}
+        return list(named.values()) if _positional_names(list(named)) else named
     if isinstance(inputs, Mapping):
-        return [_to_numpy(v) for v in inputs.values()]
+        return {str(k): _to_numpy(v) for k, v in inputs.items()}
     if isinstance(inputs, (torch.Tensor, np.ndarray)):
         return [_to_numpy(inputs)]
     if isinstance(inputs, Sequence):
@@ -102,8 +112,22 @@ def load_inputs(inputs: Any) -> list[np.ndarray]:
     raise InputDataError(f"inputs must be a tensor, a tuple of tensors, a dict or a .npz path, got {type(inputs).__name__}")
 
 
+def describe_inputs(arrays: Any) -> str:
+    items = arrays.items() if isinstance(arrays, Mapping) else enumerate(arrays)
+    return ", ".join(f"{k}: {list(np.shape(a))}" for k, a in items)
+
+
 def _torch_runner(module: torch.nn.Module) -> Runner:
-    def run(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    if any(m.training for m in module.modules()):
+        # A module in training mode updates its buffers (BN running statistics) when run: run a copy,
+        # in the same mode, so that verifying never changes the caller's model.
+        import copy
+
+        module = copy.deepcopy(module)
+
+    def run(arrays: Any) -> list[np.ndarray]:
+        if isinstance(arrays, Mapping):  # a torch module takes its inputs by position, in the dict's order
+            arrays = list(arrays.values())
         params = list(module.parameters()) + list(module.buffers())
         device = params[0].device if params else torch.device("cpu")
         tensors = [torch.from_numpy(np.array(a)).to(device) for a in arrays]
@@ -128,7 +152,11 @@ def as_runner(model: Any, *, provider: str = "cpu", optimization: str = "disable
         session = runtime.make_session(model, provider=provider, optimization=optimization)
         return runtime.session_runner(session), [o.name for o in session.get_outputs()]
     if callable(model):
-        return (lambda arrays: [_to_numpy(o) for o in flatten_outputs(model(*arrays))]), None
+        def call(arrays: Any) -> list[np.ndarray]:
+            values = list(arrays.values()) if isinstance(arrays, Mapping) else arrays
+            return [_to_numpy(o) for o in flatten_outputs(model(*values))]
+
+        return call, None
     raise ModelError(f"cannot run a {type(model).__name__}: pass a torch.nn.Module, an ONNX model/path or an onnxruntime session")
 
 
@@ -176,9 +204,9 @@ def verify(reference: Any, candidate: Any, inputs: Any, *, rtol: float = 1e-5, a
     try:
         ref_out = ref_run(arrays)
         cand_out = cand_run(arrays)
-    except VerificationError:
+    except NormfxError:
         raise
-    except (RuntimeError, ValueError, TypeError) as exc:
-        shapes = ", ".join(str(list(a.shape)) for a in arrays)
-        raise InputDataError(f"running the models on inputs of shape {shapes} failed: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # torch and onnxruntime raise many types for inputs that do not fit
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputDataError(f"running the models on inputs ({describe_inputs(arrays)}) failed: {first}") from exc
     return compare(ref_out, cand_out, rtol=rtol, atol=atol, names=ref_names or cand_names)

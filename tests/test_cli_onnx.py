@@ -140,3 +140,46 @@ def test_bench_reports_latency_and_ratio(tmp_path, capsys, plain_onnx):
         assert code == 0
     else:
         assert code == 2 and "not available" in err
+
+
+def test_user_code_errors_and_int_inputs(tmp_path, capsys, monkeypatch):
+    (tmp_path / "userf.py").write_text(
+        "import torch\n"
+        "def broken():\n"
+        "    raise RuntimeError('boom')\n"
+        "class Tokens(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.emb = torch.nn.Embedding(10, 8)\n"
+        "        self.fc = torch.nn.Linear(8, 4)\n"
+        "        self.bn = torch.nn.BatchNorm1d(4)\n"
+        "    def forward(self, t):\n"
+        "        return self.bn(self.fc(self.emb(t).mean(1)))\n"
+        "def tokens():\n"
+        "    m = Tokens().eval()\n"
+        "    with torch.no_grad():\n"
+        "        m.bn.running_mean.normal_(); m.bn.running_var.uniform_(0.5, 2)\n"
+        "    return m, torch.randint(0, 10, (2, 5))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "export", "--model", "userf:broken", "--out", tmp_path / "o.onnx", "--runs", "0")
+    assert code == 2 and "userf:broken() raised RuntimeError: boom" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "export", "--model", "nosuchmodule:build", "--out", tmp_path / "o.onnx")
+    assert code == 2 and "cannot import 'nosuchmodule'" in err
+    code, out, err = run_cli(capsys, "export", "--model", "userf:tokens", "--out", tmp_path / "t.onnx", "--runs", "0")
+    assert code == 0, err
+    assert "BatchNormalization nodes left: 0" in out
+
+
+def test_check_with_wrongly_named_inputs_exits_2(tmp_path, capsys, plain_onnx):
+    np.savez(tmp_path / "x.npz", image=models.example_input("unet").numpy())
+    code, _, err = run_cli(capsys, "check", plain_onnx, plain_onnx, "--inputs", tmp_path / "x.npz")
+    assert code == 2 and "do not match the model's inputs input" in err
+
+
+def test_written_files_get_normal_permissions(tmp_path, capsys, plain_onnx):
+    out = tmp_path / "fused.onnx"
+    assert run_cli(capsys, "export", "--model", plain_onnx, "--out", out, "--runs", "0")[0] == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -121,3 +121,12 @@ def test_assert_equivalent_across_kinds():
     assert result.ok
     with pytest.raises(AssertionError, match="max rel error"):
         normfx.testing.assert_equivalent(model, models.create("mlp", seed=1), x)
+
+
+def test_export_refuses_a_model_in_training_mode(tmp_path):
+    model = models.create("resnet18").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(normfx.errors.ModelError, match="call model.eval"):
+        normfx.export(model, models.example_input("resnet18", batch=2), tmp_path / "m.onnx")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not list(tmp_path.iterdir())

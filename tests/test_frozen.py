@@ -172,3 +172,24 @@ def test_a_model_that_is_a_single_bn():
     x = torch.randn(2, 6, 3, 3)
     assert torch.equal(frozen(x), bn(x))
     assert copy.deepcopy(frozen)(x).shape == x.shape
+
+
+def test_affine_false_bn_round_trips_through_frozen():
+    bn = _random_bn(nn.BatchNorm2d, affine=False)
+    frozen = FrozenBatchNorm2d.from_batchnorm(bn)
+    assert not frozen.affine and set(frozen.state_dict()) == set(bn.state_dict())
+    back = nn.BatchNorm2d(6, affine=False)
+    back.load_state_dict(frozen.state_dict())
+    x = torch.randn(2, 6, 3, 3)
+    assert torch.equal(frozen(x), bn(x))
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), bn).eval()
+    again = normfx.rewrite(model, ["frozen", "unfrozen"])
+    assert again[1].affine is False and set(again.state_dict()) == set(model.state_dict())
+
+
+def test_explain_equals_rewrite_for_a_sequence():
+    model = models.create("resnet18")
+    _, report = normfx.rewrite_with_report(model, ["frozen", "unfrozen"])
+    explained = normfx.explain(model, ["frozen", "unfrozen"])
+    assert [(e.name, e.rule, e.status) for e in explained.entries] == [(e.name, e.rule, e.status) for e in report.entries]
+    assert len(report.applied) == 40

@@ -197,3 +197,72 @@ def test_override_folds_only_matching_layers():
     folded = {e.name for e in report.applied}
     assert folded and all(name.startswith("layer1.") for name in folded)
     assert rel_error(model(x), fused(x)) <= 1e-5
+
+
+def test_result_shares_no_container_or_hook_registry_with_the_input():
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    fused = normfx.rewrite(model, "fuse")
+    fired = []
+    fused.get_submodule("0").register_forward_hook(lambda *args: fired.append(1))
+    model(torch.randn(1, 3, 6, 6))
+    assert not fired
+    containers = lambda m: {id(v) for mod in m.modules() for v in vars(mod).values() if isinstance(v, (dict, set, list))}  # noqa: E731
+    assert not containers(model) & containers(fused)
+
+
+def test_linear_bn_needs_example_inputs_to_prove_a_2d_input():
+    model = _randomized(nn.Sequential(nn.Linear(5, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)))
+    x3 = torch.randn(3, 5, 5)  # BN1d would normalize axis 1 (positions), not the features
+    fused, report = normfx.rewrite_with_report(model, "fuse")
+    assert report.skipped and "pass example_inputs to prove it" in report.skipped[0].reason
+    assert rel_error(model(x3), fused(x3)) <= 1e-5
+    x2 = torch.randn(4, 5)
+    fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x2)
+    assert len(report.applied) == 1 and rel_error(model(x2), fused(x2)) <= 1e-5
+
+
+class _Gate(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace this module
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class _ConvAlsoUsedByUntracedPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.gate = _Gate(self.conv)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.gate(x)
+
+
+@pytest.mark.parametrize("policy", ["fuse", ["keep", "fuse"]])
+def test_conv_also_called_by_an_untraced_part_is_copied_not_corrupted(policy):
+    model = _randomized(_ConvAlsoUsedByUntracedPart())
+    x = torch.randn(2, 3, 8, 8)
+    fused, report = normfx.rewrite_with_report(model, policy)
+    assert rel_error(model(x), fused(x)) <= 1e-5
+    (entry,) = [e for e in report.entries if e.rule == "fuse"]
+    assert entry.status == "applied" and "private copy" in entry.details["note"]
+    kept, report = normfx.rewrite_with_report(model, "fuse:duplicate_shared=false")
+    assert "registered elsewhere" in report.skipped[0].reason
+    assert rel_error(model(x), kept(x)) <= 1e-5
+
+
+def test_single_bn_model_is_reported():
+    report = normfx.explain(_randomized(nn.BatchNorm2d(3)), "fuse")
+    assert report.skipped[0].reason == "the model is a single BatchNorm: there is no layer to fold it into"
+
+
+def test_overrides_reach_functional_batch_norm_calls():
+    model = models.create("trap_functional_bn")
+    report = normfx.explain(model, {"block1.*": "keep", "*": "fuse"})
+    names = {e.name for e in report.applied}
+    assert "block2.batch_norm_1" in names and not any(n.startswith("block1.") for n in names)

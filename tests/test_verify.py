@@ -70,3 +70,29 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
         normfx.verify(net, net, str(tmp_path / "bad.npz"))
     with pytest.raises(InputDataError, match="shape"):
         normfx.verify(net, net, torch.randn(2, 7))
+
+
+def test_verifying_a_train_mode_model_leaves_its_buffers_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    normfx.verify(model, model, torch.randn(8, 5))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.training
+
+
+def test_npz_inputs_are_fed_by_name(tmp_path):
+    from onnx import TensorProto, helper
+
+    def sub(order):  # y = a - b, with the graph inputs declared in the given order
+        decl = {n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in "ab"}
+        graph = helper.make_graph([helper.make_node("Sub", ["a", "b"], ["y"])], "g", [decl[n] for n in order],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    a, b = np.array([5.0, 1.0], np.float32), np.array([1.0, 2.0], np.float32)
+    np.savez(tmp_path / "named.npz", b=b, a=a)  # stored in the other order than either model
+    result = normfx.verify(sub("ab"), sub("ba"), str(tmp_path / "named.npz"))
+    assert result.ok and result.max_abs_error == 0.0
+    np.savez(tmp_path / "wrong.npz", foo=a, bar=b)
+    with pytest.raises(InputDataError, match="do not match the model's inputs a, b"):
+        normfx.verify(sub("ab"), sub("ab"), str(tmp_path / "wrong.npz"))

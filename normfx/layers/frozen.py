@@ -44,6 +44,7 @@ class FrozenBatchNorm(nn.Module):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         *,
+        affine: bool = True,
         post: Mapping[str, nn.Module] | None = None,
         device=None,
         dtype=None,
@@ -53,8 +54,9 @@ class FrozenBatchNorm(nn.Module):
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum  # not used here; remembered so that unfreezing restores it
-        self.register_buffer("weight", torch.ones(num_features, **factory))
-        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.affine = affine  # False: no weight/bias (as BN with affine=False; state_dicts match it)
+        self.register_buffer("weight", torch.ones(num_features, **factory) if affine else None)
+        self.register_buffer("bias", torch.zeros(num_features, **factory) if affine else None)
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
@@ -86,7 +88,7 @@ class FrozenBatchNorm(nn.Module):
         version = local_metadata.get("version", None)
         # A BatchNorm checkpoint with affine=False has no weight/bias: identity affine.
         for key, fill in (("weight", 1.0), ("bias", 0.0)):
-            if prefix + key not in state_dict:
+            if self.affine and prefix + key not in state_dict:
                 state_dict[prefix + key] = torch.full_like(getattr(self, key), fill)
         # Version < 2 (old BN / detectron2 v1 checkpoints) has no num_batches_tracked.
         if (version is None or version < 2) and prefix + "num_batches_tracked" not in state_dict:
@@ -94,13 +96,14 @@ class FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}" + ("" if self.affine else ", affine=False")
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, post: Mapping[str, nn.Module] | None = None) -> "FrozenBatchNorm":
         """A frozen copy of ``bn`` (any ``_BatchNorm``); no storage is shared with it."""
         ref = bn.running_mean if bn.running_mean is not None else bn.weight
-        frozen = cls(bn.num_features, bn.eps, bn.momentum, post=post, device=ref.device, dtype=ref.dtype)
+        frozen = cls(bn.num_features, bn.eps, bn.momentum, affine=bn.weight is not None, post=post,
+                     device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             if bn.weight is not None:
                 frozen.weight.copy_(bn.weight.detach())
@@ -116,11 +119,12 @@ class FrozenBatchNorm(nn.Module):
         post = OrderedDict((n, getattr(self, n)) for n in self.post_names)
         cls = _BN_FOR_FROZEN[type(self)] if not post else _POST_FOR_FROZEN[type(self)]
         kwargs = {"post": post} if post else {}
-        bn = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=True,
-                 device=self.weight.device, dtype=self.weight.dtype, **kwargs)
+        bn = cls(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
+                 device=self.running_mean.device, dtype=self.running_mean.dtype, **kwargs)
         with torch.no_grad():
-            bn.weight.copy_(self.weight)
-            bn.bias.copy_(self.bias)
+            if self.affine:
+                bn.weight.copy_(self.weight)
+                bn.bias.copy_(self.bias)
             bn.running_mean.copy_(self.running_mean)
             bn.running_var.copy_(self.running_var)
             bn.num_batches_tracked.copy_(self.num_batches_tracked)

@@ -33,9 +33,9 @@ def check(state: GraphState, site: BnSite) -> tuple[fx.Node | None, str]:
     if len(site.scale) != channels:
         return None, f"BN has {len(site.scale)} channels but '{source.target}' produces {channels}"
     if layer.kind == "linear":
-        shape = state.input_shape(layer.module)
-        if shape is not None and len(shape) != 2:
-            return None, f"'{source.target}' gets a {len(shape)}-D input: BatchNorm1d normalizes axis 1, not the Linear's features"
+        reason = state.linear_rank_reason(layer.module, str(source.target))
+        if reason:
+            return None, reason
     return source, ""
 
 

@@ -45,8 +45,9 @@ def check(state: GraphState, site: BnSite) -> tuple[fx.Node | None, str]:
         return None, shared
     shape = state.input_shape(layer.module)
     if layer.kind == "linear":
-        if shape is not None and len(shape) != 2:
-            return None, f"'{user.target}' gets a {len(shape)}-D input: BatchNorm1d's axis 1 is not the Linear's features"
+        reason = state.linear_rank_reason(layer.module, str(user.target))
+        if reason:
+            return None, reason
     elif layer.zero_padded or layer.kind == "conv_transpose":
         what = "zero-padded conv" if layer.kind == "conv" else "ConvTranspose"
         if shape is None:

@@ -31,7 +31,7 @@ def _probe_input(frozen: FrozenBatchNorm, bn: nn.Module) -> torch.Tensor:
     spatial = {FrozenBatchNorm1d: (7,), FrozenBatchNorm2d: (5, 5), FrozenBatchNorm3d: (3, 3, 3)}.get(type(frozen), (5, 5))
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((3, frozen.num_features, *spatial), generator=generator, dtype=torch.float64)
-    return x.to(dtype=frozen.weight.dtype, device=frozen.weight.device)
+    return x.to(dtype=frozen.running_mean.dtype, device=frozen.running_mean.device)
 
 
 def _reproduces(bn: nn.Module, frozen: FrozenBatchNorm) -> bool:
@@ -76,8 +76,7 @@ def run_frozen(model: nn.Module, ctx) -> nn.Module:
             ctx.report.add(name, ctx.rule, SKIPPED, reason)
             continue
         ctx.report.add(name, ctx.rule, APPLIED, "", source=type(module).__name__, result=type(frozen).__name__)
-        if not ctx.dry_run:
-            model = _replace(model, name, frozen)
+        model = _replace(model, name, frozen)  # also for explain: later steps must see this layer frozen
     return model
 
 
@@ -91,8 +90,7 @@ def run_unfrozen(model: nn.Module, ctx) -> nn.Module:
         bn = module.to_batchnorm()
         bn.train(module.training)
         ctx.report.add(name, ctx.rule, APPLIED, "", source=type(module).__name__, result=type(bn).__name__)
-        if not ctx.dry_run:
-            model = _replace(model, name, bn)
+        model = _replace(model, name, bn)
     return model
 
 

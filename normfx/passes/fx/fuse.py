@@ -9,6 +9,7 @@ this same code on a private copy, so its report is exactly what ``rewrite`` does
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -67,8 +68,14 @@ def record_input_shapes(model: nn.Module, example_inputs: tuple) -> dict[int, li
 
 
 def run(model: nn.Module, ctx) -> nn.Module:
+    if is_batchnorm(model):
+        if ctx.targets(""):
+            ctx.report.add("", ctx.rule, SKIPPED, "the model is a single BatchNorm: there is no layer to fold it into")
+        return model if ctx.owns_model else Ownership(model, False).private(model)
     shapes = record_input_shapes(model, ctx.example_inputs) if ctx.example_inputs is not None else {}
     ownership = Ownership(model, ctx.owns_model)
+    paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    aliased = {key for key, count in paths.items() if count > 1}
     untraceable: list[tuple[str, str]] = []
     handled: set[str] = set()
     targeted_modules = [n for n, m in model.named_modules() if is_batchnorm(m) and ctx.targets(n)]
@@ -78,7 +85,8 @@ def run(model: nn.Module, ctx) -> nn.Module:
         ctx.report.add(name, ctx.rule, status, reason, **details)
 
     def rewrite_graph(part: TracedPart) -> fx.GraphModule:
-        state = GraphState(part, shapes, ctx.option("duplicate_shared"), ownership, ctx.option("border_correction"))
+        state = GraphState(part, shapes, ctx.option("duplicate_shared"), ownership, ctx.option("border_correction"),
+                           aliased)
         pending = []
         for site in find_bn_sites(state.gm, part.qualified):
             if not ctx.targets(site.name):

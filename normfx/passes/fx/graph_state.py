@@ -27,6 +27,7 @@ class GraphState:
     duplicate_shared: bool = True
     ownership: Ownership | None = None  # set when the graph still holds the caller's modules
     border_correction: bool = False
+    aliased: set = field(default_factory=set)  # ids of modules registered under several paths
     responses: dict = field(default_factory=dict)  # layer node -> shift response, from check to apply
     _calls: Counter | None = field(default=None, repr=False)  # call_module count per target
 
@@ -44,30 +45,42 @@ class GraphState:
             self._calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
         return self._calls[target]
 
-    def shared_reason(self, node: fx.Node) -> str:
-        """Why ``node``'s module cannot be edited for this call alone ("" when it can)."""
+    def _sharing(self, node: fx.Node) -> str:
+        """How ``node``'s module is used elsewhere ("" when this call is its only use)."""
         count = self.calls(node.target)
         module = self.gm.get_submodule(node.target)
-        if count > 1 and not self.duplicate_shared:
-            return f"'{node.target}' is called {count} times; folding into it would change its other calls (duplicate_shared=false)"
-        if count == 1 and len(self.input_shapes.get(id(module), [])) > 1:
-            return f"'{node.target}' is called more than once inside an untraced part of the model; folding would change its other calls"
+        if count > 1:
+            return f"'{node.target}' is called {count} times"
+        if id(module) in self.aliased:
+            return f"'{node.target}' is also registered elsewhere in the model (it may be called there)"
+        if len(self.input_shapes.get(id(module), [])) > 1:
+            return f"'{node.target}' is called more than once, partly inside an untraced part of the model"
+        return ""
+
+    def shared_reason(self, node: fx.Node) -> str:
+        """Why ``node``'s module cannot be edited for this call ("" when it can, possibly as a copy)."""
+        sharing = self._sharing(node)
+        if sharing and not self.duplicate_shared:
+            return f"{sharing}; folding into it would change its other uses (duplicate_shared=false)"
         return ""
 
     def own_module(self, node: fx.Node) -> tuple[nn.Module, str]:
-        """The module ``node`` calls, made private to this call when it is shared (a copy under a new
-        name). Returns the module and a note for the report ("" when nothing was duplicated)."""
-        count = self.calls(node.target)
+        """The module ``node`` calls, made private to this call when it is used elsewhere (a copy under a
+        new name). Returns the module and a note for the report ("" when nothing was duplicated)."""
+        sharing = self._sharing(node)
         module = self.gm.get_submodule(node.target)
-        if count <= 1:
+        if not sharing:
             editable = self.ownership.editable(module) if self.ownership else module
             if editable is not module:
                 self.gm.set_submodule(node.target, editable)
+                self.input_shapes[id(editable)] = self.input_shapes.get(id(module), [])
             return editable, ""
         private = copy.deepcopy(module)
+        self.input_shapes[id(private)] = self.input_shapes.get(id(module), [])
         name = self.fresh_name(str(node.target).replace(".", "_") + "_private")
         self.gm.add_submodule(name, private)
-        note = f"'{node.target}' is called {count} times: folded into a private copy '{self.part.qualified(name)}'"
+        note = f"{sharing}: folded into a private copy '{self.part.qualified(name)}'"
+        self.calls(node.target)
         self._calls[node.target] -= 1
         self._calls[name] += 1
         node.target = name
@@ -84,6 +97,17 @@ class GraphState:
         """The input shape ``module`` was called with (when example inputs were given and it was called once)."""
         shapes = self.input_shapes.get(id(module), [])
         return shapes[0] if len(set(shapes)) == 1 else None
+
+    def linear_rank_reason(self, module: nn.Module, target: str) -> str:
+        """BatchNorm normalizes axis 1, a Linear acts on the last axis: they meet only on 2-D tensors,
+        which only example inputs can prove ("" when proven)."""
+        shape = self.input_shape(module)
+        if shape is None:
+            return (f"'{target}' is a Linear: a BN folds into it only when its input is 2-D (N, features); "
+                    "pass example_inputs to prove it")
+        if len(shape) != 2:
+            return f"'{target}' gets a {len(shape)}-D input: BatchNorm's axis 1 is not the Linear's features"
+        return ""
 
     def add_constant_after(self, node: fx.Node, value: torch.Tensor, base: str) -> fx.Node:
         """Insert ``node + constant`` (a new buffer) after ``node``; returns the add node."""

@@ -5,7 +5,6 @@ shares no module, parameter or buffer with the input — at a fraction of a whol
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 from itertools import chain
 
 from torch import nn
@@ -34,8 +33,9 @@ class Ownership:
         if not self.is_callers(module):
             return module
         clone = copy.copy(module)
-        for slot in ("_parameters", "_buffers", "_modules"):
-            setattr(clone, slot, OrderedDict(getattr(module, slot)))
+        for key, value in vars(module).items():  # parameters, buffers, children, every hook registry
+            if isinstance(value, (dict, set, list)):
+                clone.__dict__[key] = copy.copy(value)
         return clone
 
     def finish(self, root: nn.Module) -> nn.Module:

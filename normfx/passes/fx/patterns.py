@@ -153,6 +153,14 @@ def _function_site(gm: fx.GraphModule, node: fx.Node, name: str) -> BnSite:
     return site
 
 
+def functional_name(node: fx.Node) -> str:
+    """``block1.batch_norm``: the module whose forward made the call, then the node's name (so that
+    per-layer globs such as ``block1.*`` reach functional calls too)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = next(reversed(stack.values()))[0] if stack else ""
+    return f"{owner}.{node.name}" if owner else node.name
+
+
 def find_bn_sites(gm: fx.GraphModule, qualify) -> list[BnSite]:
     """Every BatchNorm call in ``gm``; ``qualify(name)`` maps a graph-local name to the model's."""
     sites = []
@@ -160,7 +168,7 @@ def find_bn_sites(gm: fx.GraphModule, qualify) -> list[BnSite]:
         if node.op == "call_module" and is_batchnorm(gm.get_submodule(node.target)):
             sites.append(_module_site(gm, node, qualify(node.target)))
         elif node.op == "call_function" and node.target in _BN_FUNCTIONS:
-            sites.append(_function_site(gm, node, qualify(node.name)))
+            sites.append(_function_site(gm, node, qualify(functional_name(node))))
     return sites
 
 

@@ -160,7 +160,7 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
         if name in decisions:
             status, reason, details = decisions[name]
             ctx.report.add(name, ctx.rule, status, reason, **details)
-    if ws is None or not ws.changed or ctx.dry_run:
+    if ws is None or not ws.changed:  # explain too returns the rewritten (private) copy: later steps see it
         return model
     return ws.export()
 
