@@ -22,8 +22,8 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import normfx
 from normfx import models
-from normfx.io_utils import atomic_write_text
 from normfx.inspect import batchnorm_calls
+from normfx.io_utils import atomic_write_text
 
 
 def rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:

@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 
 from . import errors, layers, models, testing  # noqa: E402
 from .engine import explain, rewrite, rewrite_with_report  # noqa: E402
-from .export import ExportResult, export  # noqa: E402
 from .errors import NormfxError  # noqa: E402
+from .export import ExportResult, export  # noqa: E402
 from .policy import Option, PolicySpec, parse_policy, policy_names, register_policy  # noqa: E402
 from .report import Entry, Report  # noqa: E402
 from .verify import VerifyResult, verify  # noqa: E402

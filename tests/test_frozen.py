@@ -5,14 +5,13 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from helpers import assert_state_equal, rel_error, snapshot, storages
 from torch import nn
 
 import normfx
 from normfx import models
 from normfx.errors import RewriteError
 from normfx.layers import BatchNormPost2d, FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-
-from helpers import assert_state_equal, rel_error, snapshot, storages
 
 
 def _random_bn(cls, channels=6, affine=True, eps=1e-3, seed=0):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_state_equal, rel_error, snapshot, storages
 from torch import nn
 
 import normfx
@@ -10,8 +11,6 @@ from normfx import models
 from normfx.errors import RewriteError
 from normfx.inspect import batchnorm_calls
 from normfx.layers import is_batchnorm
-
-from helpers import assert_state_equal, rel_error, snapshot, storages
 
 FULLY_FOLDED = [
     "resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "unet", "conv1d", "conv3d", "mlp",

@@ -13,13 +13,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import helper, numpy_helper
+from onnx_graphs import FLOAT, Builder, bn_stats
 
 import normfx
 from normfx.engine import explain, rewrite, rewrite_with_report
 from normfx.errors import ModelError, RewriteError
 from normfx.passes.onnx.io import load_model_proto, onnx_batchnorm_names
-
-from onnx_graphs import FLOAT, Builder, bn_stats
 
 TOL = 1e-5
 BN = "BatchNormalization"
@@ -539,7 +538,7 @@ def test_strict_turns_a_skip_into_an_error():
 
 def test_bn_in_if_subgraph_is_reported_skipped():
     b = Builder(40)
-    x = b.input("x", ["N", 3, 4, 4])
+    b.input("x", ["N", 3, 4, 4])
     cond = b.input("cond", [])
     sub = Builder(41)
     inner_bn = sub.bn("x", 3, name="inner_bn")

@@ -88,7 +88,7 @@ def _channels_on_axis1(
 def _gemm(site: BnSite, ws: Workspace, gemm: gs.Node, chain: Chain, duplicate_shared: bool) -> Fold | Decline:
     label = node_label(gemm)
     attrs = gemm.attrs
-    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    beta = float(attrs.get("beta", 1.0))  # alpha stays on the node: alpha·A·(B·s) is what the fold needs
     trans_b = int(attrs.get("transB", 0))
     b = optional_const(gemm, 1, "B", ws)
     if b is None or isinstance(b, str):
