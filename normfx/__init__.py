@@ -11,6 +11,7 @@ from .errors import NormfxError  # noqa: E402
 from .export import ExportResult, export  # noqa: E402
 from .policy import Option, PolicySpec, parse_policy, policy_names, register_policy  # noqa: E402
 from .report import Entry, Report  # noqa: E402
+from .stats import diagnose_ema, recompute_stats, recompute_stats_with_report  # noqa: E402
 from .verify import VerifyResult, verify  # noqa: E402
 
 __all__ = [
@@ -26,6 +27,9 @@ __all__ = [
     "explain",
     "verify",
     "VerifyResult",
+    "recompute_stats",
+    "recompute_stats_with_report",
+    "diagnose_ema",
     "Report",
     "Entry",
     "NormfxError",

@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rewrite)
 
-    for module_name in ("cli_onnx",):
+    for module_name in ("cli_onnx", "cli_stats"):
         _add_optional_commands(sub, module_name)
     return parser
 
