@@ -16,16 +16,14 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...errors import RewriteError
-from ...fold import fold_bn_before, is_uniform, layer_channels, per_channel, shift_response
+from ...fold import fold_bn_before, is_uniform, per_channel, shift_response
 from .bn import BnSite
 from .chain import Chain, follow
 from .edits import (
     add_bias_after,
-    bias_reason,
     bypass_forward,
+    conv_params,
     input_name,
-    optional_const,
     pattern,
     shared_reason,
     start_dims,
@@ -74,22 +72,12 @@ def find(
 
     if not target.inputs or target.inputs[0] is not tin or any(t is tin for t in target.inputs[1:]):
         return decline(f"the BatchNormalization feeds the weight or bias of {label}, not its data input")
-    weight = optional_const(target, 1, "weight", ws)
-    if weight is None or isinstance(weight, str):
-        return decline(weight or f"{label} has no weight input")
-    bias = optional_const(target, 2, "bias", ws)
-    if isinstance(bias, str):
-        return decline(bias)
-    groups = int(target.attrs.get("group", 1))
-    try:
-        cin, cout = layer_channels(weight.shape, kind, groups)
-    except RewriteError as exc:
-        return decline(f"{label}: {exc}")
+    params = conv_params(target, kind, ws)
+    if isinstance(params, str):
+        return decline(params)
+    weight, bias, groups, cin, cout = params.weight, params.bias, params.groups, params.cin, params.cout
     if cin != site.channels:
         return decline(f"{label} has {cin} input channels but the BatchNormalization has {site.channels}")
-    reason = bias_reason(target, bias, cout)
-    if reason:
-        return decline(reason)
     dims = start_dims(ws, site.y, weight.ndim if not chain.nodes else None, 1, site.channels)
     if chain.nodes:
         if dims is None:

@@ -6,11 +6,10 @@ channel axis comes through intact (:mod:`.chain`). Any groups, any padding/strid
 
 from __future__ import annotations
 
-from ...errors import RewriteError
-from ...fold import fold_bn_after, layer_channels
+from ...fold import fold_bn_after
 from .bn import BnSite
 from .chain import chain_uses, follow, walk_up
-from .edits import bias_reason, bypass_backward, input_name, optional_const, pattern, shared_reason, start_dims
+from .edits import bypass_backward, conv_params, input_name, pattern, shared_reason, start_dims
 from .rule import Decline, Fold, FoldOptions
 from .workspace import Workspace, node_label
 
@@ -31,22 +30,12 @@ def find(site: BnSite, ws: Workspace, *, options: FoldOptions = FoldOptions()) -
     def decline(reason: str) -> Decline:
         return Decline(RULE, reason)
 
-    weight = optional_const(layer, 1, "weight", ws)
-    if weight is None or isinstance(weight, str):
-        return decline(weight or f"{label} has no weight input")
-    bias = optional_const(layer, 2, "bias", ws)
-    if isinstance(bias, str):
-        return decline(bias)
-    groups = int(layer.attrs.get("group", 1))
-    try:
-        _, cout = layer_channels(weight.shape, kind, groups)
-    except RewriteError as exc:
-        return decline(f"{label}: {exc}")
+    params = conv_params(layer, kind, ws)
+    if isinstance(params, str):
+        return decline(params)
+    weight, bias, groups, cout = params.weight, params.bias, params.groups, params.cout
     if cout != site.channels:
         return decline(f"{label} has {cout} output channels but the BatchNormalization has {site.channels}")
-    reason = bias_reason(layer, bias, cout)
-    if reason:
-        return decline(reason)
     reason = chain_uses(chain, layer.outputs[0], site.node, ws)
     if reason:
         return decline(f"{label}: {reason}")

@@ -5,9 +5,13 @@ No algebra here (that is :mod:`normfx.fold`); only reading, checking and rewirin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ...errors import RewriteError
+from ...fold import layer_channels
 from .bn import BnSite
 from .chain import Chain
 from .shapes import Dim, dim
@@ -38,6 +42,34 @@ def optional_const(node: gs.Node, index: int, what: str, ws: Workspace) -> np.nd
     if value.dtype.kind != "f" and "float" not in value.dtype.name:
         return f"{node_label(node)}: {what} {node.inputs[index].name!r} has dtype {value.dtype}, not floating point"
     return value
+
+
+@dataclass
+class ConvParams:
+    """The constant weight and bias of a Conv/ConvTranspose node, its groups and channel counts."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    groups: int
+    cin: int
+    cout: int
+
+
+def conv_params(node: gs.Node, kind: str, ws: Workspace) -> ConvParams | str:
+    """Read a Conv/ConvTranspose's constant weight and bias, or the reason they cannot be folded into."""
+    label = node_label(node)
+    weight = optional_const(node, 1, "weight", ws)
+    if weight is None or isinstance(weight, str):
+        return weight or f"{label} has no weight input"
+    bias = optional_const(node, 2, "bias", ws)
+    if isinstance(bias, str):
+        return bias
+    groups = int(node.attrs.get("group", 1))
+    try:
+        cin, cout = layer_channels(weight.shape, kind, groups)
+    except RewriteError as exc:
+        return f"{label}: {exc}"
+    return bias_reason(node, bias, cout) or ConvParams(weight, bias, groups, cin, cout)
 
 
 def bias_reason(node: gs.Node, bias: np.ndarray | None, channels: int) -> str | None:
