@@ -1,6 +1,6 @@
 """normfx ``fuse`` vs ``torch.fx.experimental.optimization.fuse`` on the zoo, side by side in one run.
 
-normfx gets the model's example input (as ``normfx export`` passes it): it proves Linear inputs 2-D.
+normfx gets a batch-1 example input (as ``normfx export`` passes it): it proves Linear inputs 2-D.
 
 For each model: BN calls folded by each, max relative error of each against the original, pass time
 (median over interleaved repetitions) and torch eager CPU latency of both fused models (interleaved),
@@ -41,6 +41,7 @@ def timed(fn) -> float:
 def bench_model(name: str, repeats: int, runs: int, batch: int) -> dict:
     model = models.create(name)
     x = models.example_input(name, batch=batch)
+    probe = models.example_input(name, batch=1)  # what normfx export passes: shapes, not a workload
     with torch.no_grad():
         y = model(x)
     original = batchnorm_calls(fx.symbolic_trace(model)) if "traceable" in models.info(name).tags else batchnorm_calls(model)
@@ -52,7 +53,7 @@ def bench_model(name: str, repeats: int, runs: int, batch: int) -> dict:
         order = ["normfx", "fx_fuse"] if i % 2 == 0 else ["fx_fuse", "normfx"]
         for label in order:
             if label == "normfx":
-                times[label].append(timed(lambda: fused.__setitem__(label, normfx.rewrite(model, "fuse", example_inputs=x))))
+                times[label].append(timed(lambda: fused.__setitem__(label, normfx.rewrite(model, "fuse", example_inputs=probe))))
             else:
                 try:
                     times[label].append(timed(lambda: fused.__setitem__(label, fx_fuse(model))))

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from contextlib import contextmanager
-from typing import Iterator
 
-import torch
 from torch import fx, nn
 
 from ...layers import is_batchnorm
@@ -21,50 +18,13 @@ from ...report import APPLIED, SKIPPED
 from . import backward_fold, forward_fold
 from .graph_state import GraphState
 from .ownership import Ownership
-from .patterns import find_bn_sites, layer_info
+from .patterns import find_bn_sites
+from .shapes import ShapeRecorder
 from .tracing import TracedPart, rewrite_traceable_parts
 
-__all__ = ["run", "record_input_shapes"]
+__all__ = ["run"]
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _all_eval(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
-
-
-def record_input_shapes(model: nn.Module, example_inputs: tuple) -> dict[int, list[tuple[int, ...]]]:
-    """Input shape of every conv/linear call on ``example_inputs`` (keyed by module id), from one
-    eval-mode forward (so running statistics are not touched)."""
-    shapes: dict[int, list[tuple[int, ...]]] = {}
-    handles = []
-
-    def hook(module, args):
-        if args and isinstance(args[0], torch.Tensor):
-            shapes.setdefault(id(module), []).append(tuple(args[0].shape))
-
-    for module in model.modules():
-        if layer_info(module) is not None:
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with _all_eval(model), torch.no_grad():
-            model(*example_inputs)
-    except Exception as exc:
-        from ...errors import InputDataError
-
-        shapes_text = ", ".join(str(list(x.shape)) for x in example_inputs if isinstance(x, torch.Tensor))
-        raise InputDataError(f"the model fails on example_inputs of shape {shapes_text}: {str(exc).splitlines()[0]}") from exc
-    finally:
-        for handle in handles:
-            handle.remove()
-    return shapes
 
 
 def run(model: nn.Module, ctx) -> nn.Module:
@@ -72,7 +32,7 @@ def run(model: nn.Module, ctx) -> nn.Module:
         if ctx.targets(""):
             ctx.report.add("", ctx.rule, SKIPPED, "the model is a single BatchNorm: there is no layer to fold it into")
         return model if ctx.owns_model else Ownership(model, False).private(model)
-    shapes = record_input_shapes(model, ctx.example_inputs) if ctx.example_inputs is not None else {}
+    shapes = ShapeRecorder(model, ctx.example_inputs)  # runs the example inputs only if a rule asks
     ownership = Ownership(model, ctx.owns_model)
     paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     aliased = {key for key, count in paths.items() if count > 1}

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from .ownership import Ownership
 from .patterns import BnSite, LayerInfo, layer_info
+from .shapes import ShapeRecorder
 from .tracing import TracedPart
 
 __all__ = ["GraphState"]
@@ -23,7 +24,7 @@ class GraphState:
     """One traced graph being rewritten, and what the rules need to know about it."""
 
     part: TracedPart
-    input_shapes: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # id(module) -> per call
+    shapes: ShapeRecorder = field(default_factory=lambda: ShapeRecorder(nn.Module(), None))
     duplicate_shared: bool = True
     ownership: Ownership | None = None  # set when the graph still holds the caller's modules
     border_correction: bool = False
@@ -53,7 +54,7 @@ class GraphState:
             return f"'{node.target}' is called {count} times"
         if id(module) in self.aliased:
             return f"'{node.target}' is also registered elsewhere in the model (it may be called there)"
-        if len(self.input_shapes.get(id(module), [])) > 1:
+        if self.shapes.recorded_calls(module) > 1:
             return f"'{node.target}' is called more than once, partly inside an untraced part of the model"
         return ""
 
@@ -73,10 +74,10 @@ class GraphState:
             editable = self.ownership.editable(module) if self.ownership else module
             if editable is not module:
                 self.gm.set_submodule(node.target, editable)
-                self.input_shapes[id(editable)] = self.input_shapes.get(id(module), [])
+                self.shapes.alias(editable, module)
             return editable, ""
         private = copy.deepcopy(module)
-        self.input_shapes[id(private)] = self.input_shapes.get(id(module), [])
+        self.shapes.alias(private, module)
         name = self.fresh_name(str(node.target).replace(".", "_") + "_private")
         self.gm.add_submodule(name, private)
         note = f"{sharing}: folded into a private copy '{self.part.qualified(name)}'"
@@ -95,8 +96,7 @@ class GraphState:
 
     def input_shape(self, module: nn.Module) -> tuple[int, ...] | None:
         """The input shape ``module`` was called with (when example inputs were given and it was called once)."""
-        shapes = self.input_shapes.get(id(module), [])
-        return shapes[0] if len(set(shapes)) == 1 else None
+        return self.shapes.input_shape(module)
 
     def linear_rank_reason(self, module: nn.Module, target: str) -> str:
         """BatchNorm normalizes axis 1, a Linear acts on the last axis: they meet only on 2-D tensors,
