@@ -32,10 +32,9 @@ class Ownership:
         caller's leaf module (its tensors are replaced by the editor or copied by :meth:`finish`)."""
         if not self.is_callers(module):
             return module
-        clone = copy.copy(module)
-        for key, value in vars(module).items():  # parameters, buffers, children, every hook registry
-            if isinstance(value, (dict, set, list)):
-                clone.__dict__[key] = copy.copy(value)
+        clone = module.__class__.__new__(module.__class__)
+        # parameters, buffers, children and every hook registry get their own container
+        clone.__dict__.update({k: v.copy() if isinstance(v, (dict, set, list)) else v for k, v in vars(module).items()})
         return clone
 
     def finish(self, root: nn.Module) -> nn.Module:
