@@ -78,12 +78,14 @@ def load_data(spec: str, *, batch_size: int = 32, dtype: torch.dtype | None = No
             raise InputDataError(f"data file {spec!r} does not exist")
         try:
             loaded = np.load(spec, allow_pickle=False)
+            if not isinstance(loaded, np.ndarray):
+                with loaded:
+                    loaded = {key: loaded[key] for key in loaded.files}
         except Exception as exc:  # numpy raises ValueError/OSError/zipfile errors on bad files
             raise InputDataError(f"cannot read data file {spec!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         if isinstance(loaded, np.ndarray):
             return _as_batches(loaded, batch_size, dtype, spec)
-        with loaded:
-            arrays = {key: loaded[key] for key in loaded.files}
+        arrays = loaded
         if not arrays:
             raise InputDataError(f"data file {spec!r} holds no arrays")
         if len(arrays) == 1:

@@ -541,3 +541,40 @@ def test_diagnose_lists_unreached_layers():
     assert diagnosis.unreached == ["unused"]
     assert "frozen" in diagnosis.skipped and "never reached" in diagnosis.format()
     assert np.isfinite(diagnosis.rows[0].var_ratio_mean)
+
+
+def test_data_that_reaches_no_bn_is_an_error():
+    data = batches_of((3, 12, 12), [4, 4])
+    with pytest.raises(InputDataError, match="reached none of the 3 BatchNorm"):
+        recompute_stats(make_net(), data, forward=lambda model, batch: None, progress=False)
+
+
+def test_explain_without_data_says_data_is_needed():
+    report = normfx.explain(make_net(), "precise")
+    assert len(report.applied) == 3 and all("needs data=" in e.reason for e in report.applied)
+    with pytest.raises(InputDataError, match="needs data"):
+        normfx.rewrite(make_net(), "precise")
+
+
+def test_errors_raised_by_the_data_iterator_name_the_batch():
+    def broken():
+        yield torch.randn(4, 3, 12, 12)
+        raise ValueError("loader died")
+
+    with pytest.raises(InputDataError, match="ValueError while producing batch 1: loader died"):
+        recompute_stats(make_net(), broken(), progress=False)
+
+
+def test_half_precision_overflow_is_reported_not_stored():
+    model = nn.Sequential(nn.BatchNorm2d(2)).half().eval()
+    with pytest.raises(InputDataError, match="not finite in torch.float16"):
+        recompute_stats(model, [(torch.randn(4, 2, 6, 6) * 300).half()], progress=False)
+
+
+def test_policy_takes_forward_for_dict_batches():
+    net = make_net()
+    data = [{"image": b} for b in batches_of((3, 12, 12), [4, 4])]
+    viaforward = normfx.rewrite(net, "precise", data=data, forward=lambda model, batch: model(batch["image"]))
+    direct = recompute_stats(net, [d["image"] for d in data], progress=False)
+    for key, value in direct.state_dict().items():
+        assert torch.equal(viaforward.state_dict()[key], value), key

@@ -115,6 +115,24 @@ def _fold(stats: LayerStats) -> Moments | None:
     return merged
 
 
+def _guarded(batches: Any) -> Any:
+    """The batches of ``batches``, turning an error raised by the user's data iterator into
+    :class:`InputDataError` naming the batch it was producing."""
+    iterator, index = iter(batches), 0
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except NormfxError:
+            raise
+        except Exception as exc:  # the user's loader / generator failed
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputDataError(f"the data raised {type(exc).__name__} while producing batch {index}: {first}") from exc
+        index += 1
+        yield item
+
+
 def collect_stats(
     model: nn.Module,
     data: Any,
@@ -144,7 +162,7 @@ def collect_stats(
     try:
         model.eval()
         with torch.no_grad():
-            for index, batch in iterate_batches(data, num_batches, progress=progress, desc=desc):
+            for index, batch in _guarded(iterate_batches(data, num_batches, progress=progress, desc=desc)):
                 state["batch"] = index
                 try:
                     feed(model, batch, forward, device)

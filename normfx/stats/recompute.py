@@ -84,6 +84,11 @@ def apply_stats(layers: dict[str, nn.Module], collected: Collected, report: Repo
     (cumulative average) training run continues the estimate with the right weight. Layers never
     reached keep their statistics and are reported skipped (and logged as a warning).
     """
+    if layers and not any(collected.layers[name].reached for name in layers):
+        raise InputDataError(
+            f"the data reached none of the {len(layers)} BatchNorm layer(s) in {collected.batches} batch(es); "
+            "check the data and forward="
+        )
     for name, module in layers.items():
         s = collected.layers[name]
         if not s.reached:
@@ -93,10 +98,11 @@ def apply_stats(layers: dict[str, nn.Module], collected: Collected, report: Repo
                 report.add(name, rule, SKIPPED, reason, batches=collected.batches)
             continue
         m = s.moments
-        mean, var = m.mean, m.var_unbiased
+        mean, var = m.mean.to(module.running_mean.dtype), m.var_unbiased.to(module.running_var.dtype)
         if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
             raise InputDataError(
-                f"layer {name!r}: the statistics of its input are not finite (NaN/inf activations); check the data and the model"
+                f"layer {name!r}: the statistics of its input are not finite in {module.running_var.dtype} "
+                "(NaN/inf activations, or a variance beyond the buffer's range); check the data, or use a float32 model"
             )
         with torch.no_grad():
             module.running_mean.copy_(mean)
@@ -217,19 +223,20 @@ def recompute_stats(
 
 
 def _run_pass(model: nn.Module, ctx: Any, mode: str) -> nn.Module:
+    if ctx.dry_run:  # explain: say what would happen, with or without data
+        layers = select_layers(model, ctx.targets, ctx.report, ctx.rule)
+        needs = "" if ctx.data is not None else " (needs data=: an iterable of batches)"
+        for name in layers:
+            ctx.report.add(name, ctx.rule, APPLIED, f"would recompute {mode} statistics from data{needs}", mode=mode)
+        return model
     if ctx.data is None:
         raise InputDataError(
             f"policy {ctx.rule!r} measures statistics and needs data: pass data= an iterable of batches"
         )
-    if ctx.dry_run:
-        layers = select_layers(model, ctx.targets, ctx.report, ctx.rule)
-        for name in layers:
-            ctx.report.add(name, ctx.rule, APPLIED, f"would recompute {mode} statistics from data", mode=mode)
-        return model
     num_batches = ctx.option("num_batches")
     _recompute_into(
         model, ctx.data, targets=ctx.targets, report=ctx.report, rule=ctx.rule, mode=mode,
-        num_batches=num_batches or None, forward=None, progress=True,
+        num_batches=num_batches or None, forward=ctx.forward, progress=True,
     )
     return model
 
