@@ -32,7 +32,7 @@ class PassContext:
     dry_run: bool = False  # explain(): the model is still a private copy; skip only costly work (measuring data)
     extras: dict[str, Any] = field(default_factory=dict)
     owns_model: bool = True  # False: the model is the caller's; the pass must not mutate it (copies_input)
-    forward: Any = None  # forward(model, batch): how passes that run data feed a batch (default model(batch))
+    feed: Any = None  # feed(model, batch): how passes that run data feed a batch (default model(batch))
 
     def targets(self, layer_name: str) -> bool:
         """True when the policy assigns this step to the layer (first matching glob wins)."""
@@ -74,7 +74,7 @@ def _batchnorm_names(model: torch.nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if is_batchnorm(m)]
 
 
-def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: dict, dry_run: bool, forward: Any = None):
+def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: dict, dry_run: bool, feed: Any = None):
     parsed = parse_policy(policy, options)
     report = Report(policy=str(parsed), model=type(model).__name__)
     if _is_onnx(model):
@@ -99,7 +99,7 @@ def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: di
             raise PolicyError(f"policy {step.name!r} works on {other} models only; it cannot rewrite a {kind} model")
         if not owned and not spec.copies_input:
             work, owned = copy.deepcopy(work), True
-        ctx = PassContext(step, parsed, report, inputs, data, dry_run, dict(options), owns_model=owned, forward=forward)
+        ctx = PassContext(step, parsed, report, inputs, data, dry_run, dict(options), owns_model=owned, feed=feed)
         log.debug("running step %s (dry_run=%s)", step, dry_run)
         result = run_pass(work, ctx)
         if result is not None:
@@ -123,12 +123,12 @@ def rewrite_with_report(
     example_inputs: Any = None,
     data: Any = None,
     strict: bool = False,
-    forward: Any = None,
+    feed: Any = None,
     **options: Any,
 ) -> tuple[Any, Report]:
     """Like :func:`rewrite`, and also return the :class:`~normfx.report.Report`."""
     result, report = _run(model, policy, example_inputs=example_inputs, data=data, options=options, dry_run=False,
-                          forward=forward)
+                          feed=feed)
     if strict and report.skipped:
         listing = "; ".join(f"{e.name} ({e.rule}: {e.reason})" for e in report.skipped)
         raise RewriteError(f"strict=True and {len(report.skipped)} layer(s) were skipped: {listing}")
@@ -142,7 +142,7 @@ def rewrite(
     example_inputs: Any = None,
     data: Any = None,
     strict: bool = False,
-    forward: Any = None,
+    feed: Any = None,
     **options: Any,
 ) -> Any:
     """Return a new model with its normalization layers rewritten by ``policy``.
@@ -152,18 +152,19 @@ def rewrite(
     (``onnx.ModelProto`` or a path; the result is a new ``ModelProto``). ``policy`` is a step
     (``"fuse"``, ``"frozen"``, ``"name:key=value"``), a list of steps, or a mapping of module-name
     globs to steps (first match wins). ``example_inputs`` fixes shapes where a rule needs them,
-    ``data`` feeds rules that measure statistics (``forward(model, batch)`` says how a batch is fed),
+    ``data`` feeds rules that measure statistics (``feed(model, batch)`` says how a batch is fed;
+    ``recompute_stats`` calls it ``forward``),
     ``strict=True`` raises
     :class:`~normfx.errors.RewriteError` when any targeted layer is skipped, and keyword ``options``
     fill in step options. :func:`explain` tells what this call would do.
     """
     result, _ = rewrite_with_report(
-        model, policy, example_inputs=example_inputs, data=data, strict=strict, forward=forward, **options
+        model, policy, example_inputs=example_inputs, data=data, strict=strict, feed=feed, **options
     )
     return result
 
 
-def explain(model: Any, policy: Any, *, example_inputs: Any = None, data: Any = None, forward: Any = None,
+def explain(model: Any, policy: Any, *, example_inputs: Any = None, data: Any = None, feed: Any = None,
             **options: Any) -> Report:
     """Report, for every normalization layer, the rule the policy gives it and whether it would apply.
 
@@ -171,5 +172,5 @@ def explain(model: Any, policy: Any, *, example_inputs: Any = None, data: Any = 
     costly; the caller's model is untouched.
     """
     _, report = _run(model, policy, example_inputs=example_inputs, data=data, options=options, dry_run=True,
-                     forward=forward)
+                     feed=feed)
     return report

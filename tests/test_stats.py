@@ -571,10 +571,10 @@ def test_half_precision_overflow_is_reported_not_stored():
         recompute_stats(model, [(torch.randn(4, 2, 6, 6) * 300).half()], progress=False)
 
 
-def test_policy_takes_forward_for_dict_batches():
+def test_policy_takes_feed_for_dict_batches():
     net = make_net()
     data = [{"image": b} for b in batches_of((3, 12, 12), [4, 4])]
-    viaforward = normfx.rewrite(net, "precise", data=data, forward=lambda model, batch: model(batch["image"]))
+    viaforward = normfx.rewrite(net, "precise", data=data, feed=lambda model, batch: model(batch["image"]))
     direct = recompute_stats(net, [d["image"] for d in data], progress=False)
     for key, value in direct.state_dict().items():
         assert torch.equal(viaforward.state_dict()[key], value), key

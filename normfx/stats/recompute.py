@@ -236,7 +236,7 @@ def _run_pass(model: nn.Module, ctx: Any, mode: str) -> nn.Module:
     num_batches = ctx.option("num_batches")
     _recompute_into(
         model, ctx.data, targets=ctx.targets, report=ctx.report, rule=ctx.rule, mode=mode,
-        num_batches=num_batches or None, forward=ctx.forward, progress=True,
+        num_batches=num_batches or None, forward=ctx.feed, progress=True,
     )
     return model
 
