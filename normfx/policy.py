@@ -148,6 +148,8 @@ class Step:
             key, eq, value = item.partition("=")
             if not eq:
                 raise PolicyError(f"policy {spec.name!r}: option {item!r} must be written key=value")
+            if key.strip() in given:
+                raise PolicyError(f"policy {spec.name!r}: option {key.strip()!r} is given twice in {text!r}")
             given[key.strip()] = value.strip()
         for key, value in (extra or {}).items():
             if key in spec.options:

@@ -39,6 +39,8 @@ def test_option_without_value_and_bad_type():
         parse_policy("fuse:forward=maybe")
     with pytest.raises(PolicyError, match="expects int"):
         parse_policy("precise:num_batches=ten")
+    with pytest.raises(PolicyError, match="given twice"):
+        parse_policy("fuse:forward=true,forward=false")
 
 
 def test_keyword_options_fill_steps_and_unknown_keywords_raise():
