@@ -12,20 +12,18 @@ as ratios normfx / fx fuse. Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 
 import torch
+from _results import ratio_summary, report
 from torch import fx
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import normfx
 from normfx import models
 from normfx.inspect import batchnorm_calls
-from normfx.io_utils import atomic_write_text
 
 
 def rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -111,22 +109,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['normfx_rel_error']:>11.1e} {fx_err:>10} {row['normfx_pass_ms']:>8.1f}/{fx_pass:<7} "
               f"{row.get('pass_time_ratio', float('nan')):>6.2f} {row['normfx_latency_ms']:>9.2f}/{fx_lat:<8} "
               f"{row.get('latency_ratio', float('nan')):>6.2f}", flush=True)
-    ratios = [r["pass_time_ratio"] for r in rows if "pass_time_ratio" in r]
-    lat = [r["latency_ratio"] for r in rows if "latency_ratio" in r]
     summary = {
-        "pass_time_ratio_median": statistics.median(ratios) if ratios else None,
-        "pass_time_ratio_max": max(ratios) if ratios else None,
-        "latency_ratio_median": statistics.median(lat) if lat else None,
-        "latency_ratio_max": max(lat) if lat else None,
+        **ratio_summary(rows, "pass_time_ratio", "latency_ratio"),
         "torch": torch.__version__,
         "threads": args.threads,
         "batch": args.batch,
     }
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        atomic_write_text(args.out, json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    report(summary, rows, args.out)
     return 0
 
 

@@ -14,7 +14,6 @@ For each zoo model, the unfused export (torch.onnx, constant folding off, every 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,11 +23,11 @@ import time
 import onnx
 import onnxoptimizer
 import onnxruntime as ort
+from _results import ratio_summary, report
 
 import normfx
 from normfx import models
 from normfx.export import export_onnx
-from normfx.io_utils import atomic_write_text
 from normfx.runtime import make_session, time_sessions
 
 
@@ -111,20 +110,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['pass_time_ratio']:>6.2f} {row['ort_own_ms']:>7.3f}/{row['normfx_ms']:<7.3f} {row['latency_ratio']:>6.3f}",
               flush=True)
     summary = {
-        "latency_ratio_median": statistics.median(r["latency_ratio"] for r in rows),
-        "latency_ratio_max": max(r["latency_ratio"] for r in rows),
-        "pass_time_ratio_median": statistics.median(r["pass_time_ratio"] for r in rows),
-        "pass_time_ratio_max": max(r["pass_time_ratio"] for r in rows),
+        **ratio_summary(rows, "latency_ratio", "pass_time_ratio"),
         "onnxruntime": ort.__version__,
         "provider": args.provider,
         "threads": args.threads,
         "runs": args.runs,
     }
-    print(json.dumps(summary, indent=2))
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        atomic_write_text(args.out, json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    report(summary, rows, args.out)
     return 0
 
 
