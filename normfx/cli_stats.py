@@ -176,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
              f"{len(result.report.skipped)} skipped")
         for entry in result.report.skipped:
             emit(f"  {entry}")
+    if args.plot:  # first: a plot that fails leaves no statistics file behind
+        result.diagnosis.plot(args.plot)
+        if not args.json:
+            emit(f"wrote {args.plot}")
     if args.out:
         if args.out.lower().endswith(".pt"):
             state = {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}
@@ -186,8 +190,4 @@ def run(args: argparse.Namespace) -> int:
             atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n", protect=protect)
         if not args.json:
             emit(f"wrote {args.out}")
-    if args.plot:
-        result.diagnosis.plot(args.plot)
-        if not args.json:
-            emit(f"wrote {args.plot}")
     return 0

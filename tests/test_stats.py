@@ -578,3 +578,24 @@ def test_policy_takes_feed_for_dict_batches():
     direct = recompute_stats(net, [d["image"] for d in data], progress=False)
     for key, value in direct.state_dict().items():
         assert torch.equal(viaforward.state_dict()[key], value), key
+
+
+def test_bn_called_with_a_keyword_input_is_measured():
+    class KeywordCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(input=self.conv(x))
+
+    model = randomize(KeywordCall(), 3).eval()
+    data = batches_of((3, 10, 10), [4, 4])
+    result, report = recompute_stats_with_report(model, data, progress=False)
+    assert [e.status for e in report.entries] == ["applied"]
+    with torch.no_grad():
+        z = torch.cat([model.conv(b) for b in data]).double()
+    expected = z.transpose(0, 1).reshape(4, -1)
+    assert rel_error(expected.mean(1), result.bn.running_mean) <= 1e-6
+    assert rel_error(expected.var(1), result.bn.running_var) <= 1e-6

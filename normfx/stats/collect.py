@@ -71,9 +71,9 @@ class _Hook:
         self.state = state
         self.workspace = workspace
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         s = self.stats
-        x = args[0] if args else None
+        x = args[0] if args else kwargs.get("input")  # bn(x) or bn(input=x)
         if not isinstance(x, torch.Tensor):
             raise InputDataError(f"layer {s.name!r} ({type(module).__name__}) got a {type(x).__name__} input, not a tensor")
         if x.dim() < 2 or x.shape[1] != module.num_features:
@@ -155,7 +155,10 @@ def collect_stats(
     saved = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers.items()}
     state: dict[str, Any] = {"batch": -1}
     workspace = Workspace()  # one scratch buffer: hooks run one at a time
-    handles = [module.register_forward_pre_hook(_Hook(stats[name], state, workspace)) for name, module in layers.items()]
+    handles = [
+        module.register_forward_pre_hook(_Hook(stats[name], state, workspace), with_kwargs=True)
+        for name, module in layers.items()
+    ]
     device = model_device(model)
     batches = 0
     failure: BaseException | None = None
