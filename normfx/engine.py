@@ -82,6 +82,8 @@ def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: di
 
         work = load_model_proto(model)
         kind, layer_names = "onnx", onnx_batchnorm_names(work)
+    elif isinstance(model, torch.jit.ScriptModule):
+        raise ModelError("TorchScript modules cannot be rewritten: pass the eager nn.Module (before torch.jit.script/trace)")
     elif isinstance(model, torch.nn.Module):
         work = model  # copied below, unless the first pass makes its own private model (copies_input)
         kind, layer_names = "torch", _batchnorm_names(model)

@@ -81,3 +81,15 @@ def test_registry_accepts_new_policy_and_refuses_duplicates():
         register_policy(spec)
     with pytest.raises(PolicyError, match="invalid policy name"):
         register_policy(PolicySpec("bad:name", ""))
+
+
+def test_torchscript_modules_are_refused_with_a_hint():
+    import torch
+
+    from normfx.errors import ModelError
+
+    scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).eval())
+    with pytest.raises(ModelError, match="pass the eager nn.Module"):
+        normfx.rewrite(scripted, "fuse")
+    with pytest.raises(ModelError, match="pass the eager nn.Module"):
+        normfx.recompute_stats(scripted, [torch.randn(2, 3, 4, 4)])

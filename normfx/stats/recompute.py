@@ -53,6 +53,8 @@ def select_layers(
 
     Raises :class:`ModelError` when the model has no BatchNorm-like layer at all.
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError("TorchScript modules are not supported: pass the eager nn.Module (before torch.jit.script/trace)")
     found = False
     layers: dict[str, nn.modules.batchnorm._BatchNorm] = {}
     for name, module in model.named_modules():
