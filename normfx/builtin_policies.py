@@ -70,6 +70,7 @@ register_policy(
         "Recompute BN running statistics as the true population average over `data` (precise BN).",
         options={"num_batches": Option("num_batches", int, 0, "batches to use; 0 = all of `data`")},
         torch_pass=_lazy("normfx.stats:run_precise"),
+        onnx_pass=_lazy("normfx.stats.onnx_recompute:run_precise"),
         needs_data=True,
         exact=False,
     )
@@ -80,7 +81,26 @@ register_policy(
         "Recompute BN running statistics on target-domain `data` (adaptive BN for domain shift).",
         options={"num_batches": Option("num_batches", int, 0, "batches to use; 0 = all of `data`")},
         torch_pass=_lazy("normfx.stats:run_adaptive"),
+        onnx_pass=_lazy("normfx.stats.onnx_recompute:run_adaptive"),
         needs_data=True,
         exact=False,
+    )
+)
+register_policy(
+    PolicySpec(
+        "unfuse",
+        "Put a BatchNorm back after every Conv/ConvTranspose/Linear that no normalization follows (for fine-tuning "
+        "a fused model); with data= its statistics are measured, so eval outputs are unchanged and train mode is close.",
+        options={
+            "norm": Option("norm", str, "batchnorm", "the layer inserted: batchnorm, frozen (FrozenBatchNorm) or sync "
+                                                     "(SyncBatchNorm); ONNX inserts BatchNormalization"),
+            "eps": Option("eps", float, 1e-5, "eps of the inserted BatchNorm"),
+            "momentum": Option("momentum", float, 0.1, "momentum of the inserted BatchNorm (PyTorch convention)"),
+            "classifier": Option("classifier", bool, False,
+                                 "also unfuse the layers whose output is the model's output (the classifier)"),
+            "num_batches": Option("num_batches", int, 0, "batches of data to measure statistics on; 0 = all of `data`"),
+        },
+        torch_pass=_lazy("normfx.passes.fx.unfuse:run"),
+        onnx_pass=_lazy("normfx.passes.onnx.unfuse:run"),
     )
 )

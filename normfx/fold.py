@@ -463,45 +463,55 @@ def unfold_bn_params(
     *,
     kind: str,
     groups: int = 1,
-    channel_mean: Any,
-    channel_std: Any,
+    channel_mean: Any = None,
+    channel_var: Any = None,
     eps: float = 1e-5,
 ) -> tuple[Any, dict[str, Any]]:
     """Split a fused layer ``y = layer_W(x) + b`` into ``BN(layer_W_nobias(x))``, exact in eval mode.
 
-    ``channel_mean``/``channel_std`` are per-output-channel statistics of ``layer_W(x)`` *without its
-    bias*, measured on data (``mu_c``, ``sigma_c``). Returns ``(conv_weight, bn)`` where
-    ``conv_weight`` is a copy of ``weight`` (the layer loses its bias) and ``bn`` has
+    ``channel_mean``/``channel_var`` are per-output-channel statistics of ``layer_W(x)`` *without its
+    bias*, measured on data (``mu_c``, ``var_c``; PyTorch stores the unbiased variance). Returns
+    ``(layer_weight, bn)`` where ``layer_weight`` is a copy of ``weight`` (the layer loses its bias)
+    and ``bn`` has
 
-    - ``running_mean = mu``
-    - ``running_var = max(sigma**2 - eps, 0)``           (so that ``sqrt(running_var + eps) = sigma``)
-    - ``weight = gamma = sqrt(running_var + eps)``         (``= sigma`` unless ``sigma**2 < eps``)
+    - ``running_mean = mu``, ``running_var = var``
+    - ``weight = gamma = sqrt(var + eps)``
     - ``bias = beta = mu + b``
 
-    Eval-mode BN computes ``(z - mu) * gamma / sqrt(running_var + eps) + beta = (z - mu) + mu + b = z + b``,
-    exactly the fused layer. In train mode on data like the measured data the batch statistics are
-    ``~ (mu, sigma)`` and the output is ``~ z + b`` as well, so fine-tuning starts from the fused
-    function but with BN's parameterization (``gamma = sigma``, ``beta = mu`` as in the Proxy Norm
-    paper's expressivity argument). Arrays come back in ``weight``'s kind, dtype and device.
+    Eval-mode BN computes ``(z - mu) * gamma / sqrt(var + eps) + beta = (z - mu) + mu + b = z + b``,
+    exactly the fused layer. In train mode on batches like the measured data the batch statistics are
+    ``~ (mu, var)`` and the output is ``~ z + b`` as well, so fine-tuning starts from the fused
+    function with BN's parameterization (``gamma = sigma``, ``beta = mu`` as in the Proxy Norm paper's
+    expressivity argument).
+
+    Without statistics (both ``None``): identity statistics, ``mu = 0`` and ``var = 1 - eps`` (so
+    ``gamma = 1``, ``beta = b``): exact in eval mode, but train mode normalizes with the batch's own
+    statistics, a different function. Arrays come back in ``weight``'s kind, dtype and device.
     """
     _check_weight(weight)
     _, cout = layer_channels(weight.shape, kind, groups)
-    mu = _vector(channel_mean, cout, "channel_mean")
-    sigma = _vector(channel_std, cout, "channel_std")
-    b = _vector(bias, cout, "layer bias", default=0.0)
     eps = float(eps)
-    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
-        raise RewriteError("channel_mean/channel_std contain NaN/inf; measure the statistics on finite data")
-    if np.any(sigma < 0) or eps <= 0:
-        raise RewriteError("channel_std must be >= 0 and eps > 0 to unfold a BN")
-    running_var = np.maximum(sigma * sigma - eps, 0.0)
-    gamma = np.sqrt(running_var + eps)
+    if not eps > 0:
+        raise RewriteError(f"eps must be > 0 to unfold a BN, got {eps}")
+    if (channel_mean is None) != (channel_var is None):
+        raise RewriteError("give both channel_mean and channel_var (statistics measured on data), or neither")
+    if channel_mean is None:
+        mu, var = np.zeros(cout), np.full(cout, max(1.0 - eps, 0.0))
+    else:
+        mu = _vector(channel_mean, cout, "channel_mean")
+        var = _vector(channel_var, cout, "channel_var")
+    b = _vector(bias, cout, "layer bias", default=0.0)
+    if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(var))):
+        raise RewriteError("channel_mean/channel_var contain NaN/inf; measure the statistics on finite data")
+    if np.any(var < 0):
+        raise RewriteError("channel_var must be >= 0 to unfold a BN")
+    gamma = np.sqrt(var + eps)
     beta = mu + b
     bn = {
         "weight": _like(gamma, weight),
         "bias": _like(beta, weight),
         "running_mean": _like(mu, weight),
-        "running_var": _like(running_var, weight),
+        "running_var": _like(var, weight),
     }
     copy = weight.detach().clone() if isinstance(weight, torch.Tensor) else weight.copy()
     return copy, bn

@@ -34,6 +34,12 @@ class Report:
     policy: str = ""
     model: str = ""
     entries: list[Entry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # model-level remarks (warnings, measurements)
+
+    def note(self, text: str) -> None:
+        """Add a model-level remark (shown after the table, kept in ``to_dict``)."""
+        if text not in self.notes:
+            self.notes.append(text)
 
     def add(self, name: str, rule: str, status: str, reason: str = "", **details: Any) -> Entry:
         if status not in (APPLIED, SKIPPED, KEPT):
@@ -62,6 +68,8 @@ class Report:
 
     def extend(self, other: "Report") -> None:
         self.entries.extend(other.entries)
+        for text in other.notes:
+            self.note(text)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +77,7 @@ class Report:
             "model": self.model,
             "summary": {"applied": len(self.applied), "skipped": len(self.skipped), "kept": len(self.kept)},
             "entries": [asdict(e) for e in self.entries],
+            "notes": list(self.notes),
         }
 
     def format(self) -> str:
@@ -78,7 +87,7 @@ class Report:
         lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
         lines.insert(1, "-" * min(120, max(len(line) for line in lines)))
         summary = f"{len(self.applied)} applied, {len(self.skipped)} skipped, {len(self.kept)} kept"
-        return "\n".join(lines + [summary])
+        return "\n".join(lines + [summary] + [f"note: {text}" for text in self.notes])
 
     def __str__(self) -> str:
         return self.format()

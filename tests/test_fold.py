@@ -407,7 +407,7 @@ def test_unfold_round_trip_exact_in_eval(g, bias, dead, eps, seed):
     gen = torch.Generator().manual_seed(seed)
     w_shape = (g["cout"], g["cin"] // g["groups"]) + g["kernel"]
     w32, b32, w64, b64 = layer_params(w_shape, g["cout"], bias, gen)
-    if dead:  # a dead channel: std 0 < sqrt(eps), running_var clipped to 0
+    if dead:  # a dead channel: variance 0
         w32[0] = 0.0
         w64 = w32.double()
     x64 = (torch.randn((4, g["cin"]) + g["size"], generator=gen) * 2.0 + 0.5).double()
@@ -415,9 +415,9 @@ def test_unfold_round_trip_exact_in_eval(g, bias, dead, eps, seed):
     fused = conv(x64, w64, b64, **conv_args(g))
     z = conv(x64, w64, None, **conv_args(g))
     axes = [0] + list(range(2, z.ndim))
-    mean, std = z.mean(axes), z.var(axes, unbiased=False).sqrt()
+    mean, var = z.mean(axes), z.var(axes)
 
-    cw, bn = unfold_bn_params(w32, b32, kind="conv", groups=g["groups"], channel_mean=mean.float(), channel_std=std.float(), eps=eps)
+    cw, bn = unfold_bn_params(w32, b32, kind="conv", groups=g["groups"], channel_mean=mean.float(), channel_var=var.float(), eps=eps)
     assert cw.dtype == torch.float32 and torch.equal(cw, w32) and cw.data_ptr() != w32.data_ptr()
     assert set(bn) == {"weight", "bias", "running_mean", "running_var"}
     assert all(v.dtype == torch.float32 and v.shape == (g["cout"],) for v in bn.values())
@@ -425,7 +425,7 @@ def test_unfold_round_trip_exact_in_eval(g, bias, dead, eps, seed):
     y = F.batch_norm(conv(x64.float(), cw, None, **conv_args(g)), bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], False, 0.0, eps)
     assert rel_err(y, fused) <= FP32_TOL
 
-    cw, bn = unfold_bn_params(w64, b64, kind="conv", groups=g["groups"], channel_mean=mean, channel_std=std, eps=eps)
+    cw, bn = unfold_bn_params(w64, b64, kind="conv", groups=g["groups"], channel_mean=mean, channel_var=var, eps=eps)
     y = F.batch_norm(conv(x64, cw, None, **conv_args(g)), bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], False, 0.0, eps)
     assert rel_err(y, fused) <= FP64_TOL
 
@@ -435,20 +435,33 @@ def test_unfold_formula_linear_and_train_mode_close():
     w, b = torch.randn(6, 5, generator=gen, dtype=torch.float64), torch.randn(6, generator=gen, dtype=torch.float64)
     x = torch.randn(400, 5, generator=gen, dtype=torch.float64) * 1.5 + 0.3
     z = F.linear(x, w)
-    mean, std = z.mean(0), z.var(0, unbiased=False).sqrt()
-    cw, bn = unfold_bn_params(w, b, kind="linear", channel_mean=mean, channel_std=std, eps=1e-5)
+    mean, var = z.mean(0), z.var(0)
+    cw, bn = unfold_bn_params(w, b, kind="linear", channel_mean=mean, channel_var=var, eps=1e-5)
     torch.testing.assert_close(bn["running_mean"], mean, rtol=0, atol=0)
-    torch.testing.assert_close(bn["running_var"], std**2 - 1e-5, rtol=1e-15, atol=0)
-    torch.testing.assert_close(bn["weight"], std, rtol=1e-15, atol=0)  # gamma = sigma
+    torch.testing.assert_close(bn["running_var"], var, rtol=0, atol=0)
+    torch.testing.assert_close(bn["weight"], (var + 1e-5).sqrt(), rtol=1e-15, atol=0)  # gamma = sigma
     torch.testing.assert_close(bn["bias"], mean + b, rtol=1e-15, atol=0)  # beta = mu + b
     fused = F.linear(x, w, b)
-    # train mode on the measuring data: (z - mu) * sigma / sqrt(sigma^2 + eps) + mu + b ~ z + b
+    # train mode on the measuring data: (z - mu_B) / sqrt(var_B + eps) * sqrt(var + eps) + mu + b ~ z + b
     y_train = F.batch_norm(F.linear(x, cw), None, None, bn["weight"], bn["bias"], True, 0.0, 1e-5)
-    assert rel_err(y_train, fused) <= 1e-4
-    with pytest.raises(RewriteError, match="channel_std"):
-        unfold_bn_params(w, b, kind="linear", channel_mean=mean, channel_std=-std, eps=1e-5)
+    assert rel_err(y_train, fused) <= 1e-2  # var_B is the biased variance: a factor sqrt(399/400)
+    with pytest.raises(RewriteError, match="channel_var"):
+        unfold_bn_params(w, b, kind="linear", channel_mean=mean, channel_var=-var, eps=1e-5)
     with pytest.raises(RewriteError, match="channel_mean"):
-        unfold_bn_params(w, b, kind="linear", channel_mean=mean[:3], channel_std=std, eps=1e-5)
+        unfold_bn_params(w, b, kind="linear", channel_mean=mean[:3], channel_var=var, eps=1e-5)
+    with pytest.raises(RewriteError, match="both"):
+        unfold_bn_params(w, b, kind="linear", channel_mean=mean, eps=1e-5)
+
+
+def test_unfold_identity_statistics_without_data():
+    gen = torch.Generator().manual_seed(12)
+    w, b = torch.randn(6, 5, generator=gen), torch.randn(6, generator=gen)
+    cw, bn = unfold_bn_params(w, b, kind="linear", eps=1e-3)
+    assert torch.equal(bn["running_mean"], torch.zeros(6)) and torch.equal(bn["weight"], torch.ones(6))
+    assert torch.equal(bn["bias"], b) and torch.allclose(bn["running_var"], torch.full((6,), 1 - 1e-3))
+    x = torch.randn(7, 5, generator=gen)
+    y = F.batch_norm(F.linear(x, cw), bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], False, 0.0, 1e-3)
+    assert rel_err(y, F.linear(x, w, b)) <= 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,7 +486,7 @@ def test_array_kind_dtype_and_routes_agree_to_the_bit(tdtype, ndtype, fn):
     wn, bn_ = wt.double().numpy().astype(ndtype), bt.double().numpy().astype(ndtype)
     if fn == "unfold":
         call = lambda w, b: unfold_bn_params(w, b, kind="conv", groups=3, channel_mean=np.linspace(-1, 1, 6),
-                                             channel_std=np.linspace(0.5, 2, 6))
+                                             channel_var=np.linspace(0.5, 2, 6))
         out_t, out_n = call(wt, bt), call(wn, bn_)
         out_t, out_n = [out_t[0], *out_t[1].values()], [out_n[0], *out_n[1].values()]
     else:
@@ -514,8 +527,8 @@ def test_inputs_not_mutated_and_outputs_not_aliased():
         *fold_bn_after(wn, bn_, scale, shift, kind="conv", groups=2),
         *fold_bn_before(wn, bn_, scale, shift, kind="conv", groups=2),
         shift_response(w, shift, kind="conv", input_shape=(6,), padding=1, groups=2),
-        unfold_bn_params(w, b, kind="conv", groups=2, channel_mean=stats[0], channel_std=stats[1])[0],
-        unfold_bn_params(wn, bn_, kind="conv", groups=2, channel_mean=stats[0], channel_std=stats[1])[0],
+        unfold_bn_params(w, b, kind="conv", groups=2, channel_mean=stats[0], channel_var=stats[1])[0],
+        unfold_bn_params(wn, bn_, kind="conv", groups=2, channel_mean=stats[0], channel_var=stats[1])[0],
     ]
     for o in outs:  # writing to an output never reaches an input
         if isinstance(o, torch.Tensor):
@@ -553,7 +566,7 @@ def test_shape_mismatches_raise_rewrite_error():
         lambda: shift_response(w, np.zeros(2), kind="linear", input_shape=(5, 5)),
         lambda: shift_response(w, np.zeros(2), kind="conv", input_shape=(5, 5), padding_mode="mirror"),
         lambda: shift_response(w, np.zeros(6), kind="conv_transpose", input_shape=(5, 5), padding=9),
-        lambda: unfold_bn_params(w, None, kind="conv", channel_mean=np.zeros(5), channel_std=np.ones(6)),
+        lambda: unfold_bn_params(w, None, kind="conv", channel_mean=np.zeros(5), channel_var=np.ones(6)),
         lambda: per_channel(np.ones(3), 2, axis=2),
     ]
     for i, call in enumerate(bad):

@@ -66,10 +66,11 @@ class Collected:
 
 
 class _Hook:
-    def __init__(self, stats: LayerStats, state: dict[str, Any], workspace: Workspace) -> None:
+    def __init__(self, stats: LayerStats, state: dict[str, Any], workspace: Workspace, batch_statistics: bool) -> None:
         self.stats = stats
         self.state = state
         self.workspace = workspace
+        self.batch_statistics = batch_statistics
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         s = self.stats
@@ -97,9 +98,9 @@ class _Hook:
         s._pending.append(sums)
         if len(s._pending) >= _MERGE_EVERY:
             _fold_pending(s)
-        # Normalize this call with the batch statistics, as BatchNorm does in training mode.
-        module.running_mean.copy_(mean)
-        module.running_var.copy_(var)
+        if self.batch_statistics:  # normalize this call with the batch statistics, as BatchNorm does in training
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
 
 
 def _fold_pending(stats: LayerStats) -> None:
@@ -142,6 +143,7 @@ def collect_stats(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
     desc: str = "BN statistics",
+    batch_statistics: bool = True,
 ) -> Collected:
     """Feed ``data`` through ``model`` with the given BN ``layers`` on batch statistics; return moments.
 
@@ -149,6 +151,10 @@ def collect_stats(
     (the caller owns the copy). Under torch.distributed (initialized, world size > 1) every rank
     must call this with the same model; the returned moments are those of the union of all ranks'
     batches, identical on every rank.
+
+    ``batch_statistics=False`` only measures: every layer keeps normalizing with its stored statistics,
+    so the model computes its eval-mode function while its BN inputs are measured (``unfuse`` uses it
+    to measure the statistics of BNs it inserted as identities).
     """
     stats = {name: LayerStats(name, module) for name, module in layers.items()}
     modes = {module: module.training for module in model.modules()}
@@ -156,7 +162,7 @@ def collect_stats(
     state: dict[str, Any] = {"batch": -1}
     workspace = Workspace()  # one scratch buffer: hooks run one at a time
     handles = [
-        module.register_forward_pre_hook(_Hook(stats[name], state, workspace), with_kwargs=True)
+        module.register_forward_pre_hook(_Hook(stats[name], state, workspace, batch_statistics), with_kwargs=True)
         for name, module in layers.items()
     ]
     device = model_device(model)
