@@ -35,6 +35,7 @@ class Report:
     model: str = ""
     entries: list[Entry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # model-level remarks (warnings, measurements)
+    metrics: dict[str, float] = field(default_factory=dict)  # model-level numbers (e.g. a measured deviation)
 
     def note(self, text: str) -> None:
         """Add a model-level remark (shown after the table, kept in ``to_dict``)."""
@@ -70,6 +71,7 @@ class Report:
         self.entries.extend(other.entries)
         for text in other.notes:
             self.note(text)
+        self.metrics.update(other.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class Report:
             "summary": {"applied": len(self.applied), "skipped": len(self.skipped), "kept": len(self.kept)},
             "entries": [asdict(e) for e in self.entries],
             "notes": list(self.notes),
+            "metrics": dict(self.metrics),
         }
 
     def format(self) -> str:

@@ -4,7 +4,7 @@ a rule needs a shape (a Linear's input rank, a padded conv's spatial size)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -26,9 +26,11 @@ def _all_eval(model: nn.Module) -> Iterator[None]:
             module.train(mode)
 
 
-def record_input_shapes(model: nn.Module, example_inputs: tuple) -> dict[int, list[tuple[int, ...]]]:
+def record_input_shapes(model: nn.Module, example_inputs: tuple | None,
+                        runner: Callable[[nn.Module], object] | None = None) -> dict[int, list[tuple[int, ...]]]:
     """Input shape of every conv/linear call on ``example_inputs`` (keyed by module id), from one
-    eval-mode forward (so running statistics are not touched; modes are restored)."""
+    eval-mode forward (so running statistics are not touched; modes are restored). ``runner(model)``
+    runs that forward instead when there are no example inputs (e.g. one batch of calibration data)."""
     shapes: dict[int, list[tuple[int, ...]]] = {}
     handles = []
 
@@ -41,8 +43,15 @@ def record_input_shapes(model: nn.Module, example_inputs: tuple) -> dict[int, li
             handles.append(module.register_forward_pre_hook(hook))
     try:
         with _all_eval(model), torch.no_grad():
-            model(*example_inputs)
+            if example_inputs is None and runner is not None:
+                runner(model)
+            else:
+                model(*example_inputs)
+    except InputDataError:
+        raise
     except Exception as exc:
+        if example_inputs is None:
+            raise InputDataError(f"the model fails on the first batch of data: {str(exc).splitlines()[0]}") from exc
         text = ", ".join(str(list(x.shape)) for x in example_inputs if isinstance(x, torch.Tensor))
         raise InputDataError(f"the model fails on example_inputs of shape {text}: {str(exc).splitlines()[0]}") from exc
     finally:
@@ -55,9 +64,11 @@ class ShapeRecorder:
     """Shapes per module, recorded on first request. Copies of a module (made private for a fold)
     are registered with :meth:`alias` and answer with their original's shapes."""
 
-    def __init__(self, model: nn.Module, example_inputs: tuple | None) -> None:
-        self._model, self._inputs = model, example_inputs
-        self._shapes: dict[int, list[tuple[int, ...]]] | None = None if example_inputs is not None else {}
+    def __init__(self, model: nn.Module, example_inputs: tuple | None,
+                 runner: Callable[[nn.Module], object] | None = None) -> None:
+        self._model, self._inputs, self._runner = model, example_inputs, runner
+        known = example_inputs is not None or runner is not None
+        self._shapes: dict[int, list[tuple[int, ...]]] | None = None if known else {}
         self._origin: dict[int, int] = {}
 
     def alias(self, copy: nn.Module, original: nn.Module) -> None:
@@ -75,6 +86,6 @@ class ShapeRecorder:
         """The input shape ``module`` is called with, when example inputs were given and every call
         of it saw the same shape; None otherwise."""
         if self._shapes is None:
-            self._shapes = record_input_shapes(self._model, self._inputs)
+            self._shapes = record_input_shapes(self._model, self._inputs, self._runner)
         shapes = self._lookup(module)
         return shapes[0] if shapes and len(set(shapes)) == 1 else None

@@ -76,6 +76,7 @@ def rewrite_traceable_parts(
     on_untraceable: Callable[[str, str], None],
     prefix: str = "",
     make_private: Callable[[nn.Module], nn.Module] = lambda m: m,
+    wanted: Callable[[nn.Module], bool] = is_batchnorm,
 ) -> nn.Module:
     """Apply ``rewrite_graph`` to every traceable part of ``module``; returns the new module.
 
@@ -83,21 +84,25 @@ def rewrite_traceable_parts(
     (recursively), and a module whose own forward is untraceable keeps its type while its children
     are rewritten. ``on_untraceable(path, why)`` is told about each module that could not be traced.
     ``make_private(m)`` returns a module safe to edit in place (a copy of a caller's module).
+    ``wanted(m)`` says which modules the rewrite is about (default: BatchNorm): children of an
+    untraceable module are traced only when they hold one.
     """
     graph_module, opaque, why = _trace(module)
     if graph_module is None:
         on_untraceable(prefix, why)
         module = make_private(module)
         for child_name, child in list(module.named_children()):
-            if is_batchnorm(child) or not any(is_batchnorm(m) for m in child.modules()):
-                continue  # nothing to rewrite inside; a lone BN here has no traced neighbours
+            if wanted(child) or not any(wanted(m) for m in child.modules()):
+                continue  # nothing to rewrite inside; a lone wanted module here has no traced neighbours
             path = f"{prefix}.{child_name}" if prefix else child_name
-            setattr(module, child_name, rewrite_traceable_parts(child, rewrite_graph, on_untraceable, path, make_private))
+            setattr(module, child_name,
+                    rewrite_traceable_parts(child, rewrite_graph, on_untraceable, path, make_private, wanted))
         return module
     for name in opaque:
         path = f"{prefix}.{name}" if prefix else name
         on_untraceable(path, "torch.fx cannot trace it")
         inner = graph_module.get_submodule(name)
-        graph_module.set_submodule(name, rewrite_traceable_parts(inner, rewrite_graph, on_untraceable, path, make_private))
+        graph_module.set_submodule(name, rewrite_traceable_parts(inner, rewrite_graph, on_untraceable, path, make_private,
+                                                                 wanted))
     part = TracedPart(prefix, graph_module, list(opaque))
     return rewrite_graph(part)
