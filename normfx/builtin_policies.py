@@ -71,6 +71,7 @@ register_policy(
         options={"num_batches": Option("num_batches", int, 0, "batches to use; 0 = all of `data`")},
         torch_pass=_lazy("normfx.stats:run_precise"),
         onnx_pass=_lazy("normfx.stats.onnx_recompute:run_precise"),
+        rerun_on_export=False,
         needs_data=True,
         exact=False,
     )
@@ -82,6 +83,7 @@ register_policy(
         options={"num_batches": Option("num_batches", int, 0, "batches to use; 0 = all of `data`")},
         torch_pass=_lazy("normfx.stats:run_adaptive"),
         onnx_pass=_lazy("normfx.stats.onnx_recompute:run_adaptive"),
+        rerun_on_export=False,
         needs_data=True,
         exact=False,
     )
@@ -102,5 +104,6 @@ register_policy(
         },
         torch_pass=_lazy("normfx.passes.fx.unfuse:run"),
         onnx_pass=_lazy("normfx.passes.onnx.unfuse:run"),
+        rerun_on_export=False,
     )
 )

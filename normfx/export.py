@@ -84,12 +84,17 @@ def export_onnx(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], 
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _onnx_policy(policy: Any):
-    """The steps of ``policy`` that have an ONNX pass (run on the exported graph for what fx left)."""
+def _onnx_policy(policy: Any, after_torch: bool):
+    """The steps of ``policy`` that have an ONNX pass (after the torch route: those that run again on the
+    exported graph for what fx left, see ``PolicySpec.rerun_on_export``)."""
     parsed = parse_policy(policy)
-    if not any(step.spec.onnx_pass for step in parsed.ordered_steps()):
+
+    def runs(step) -> bool:
+        return step.spec.onnx_pass is not None and (step.spec.rerun_on_export or not after_torch)
+
+    if not any(runs(step) for step in parsed.ordered_steps()):
         return None
-    rules = tuple((glob, tuple(s for s in steps if s.spec.onnx_pass)) for glob, steps in parsed.rules)
+    rules = tuple((glob, tuple(s for s in steps if runs(s))) for glob, steps in parsed.rules)
     return type(parsed)(tuple((glob, steps) for glob, steps in rules if steps))
 
 
@@ -140,7 +145,7 @@ def export(
         exported = load_model_proto(model)
         inputs = example_inputs
         reference = as_runner(exported)[0]
-    onnx_policy = _onnx_policy(policy)
+    onnx_policy = _onnx_policy(policy, after_torch=isinstance(model, torch.nn.Module))
     if onnx_policy is not None:
         final, onnx_report = rewrite_with_report(exported, onnx_policy, strict=strict)
     else:

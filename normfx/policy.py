@@ -75,6 +75,9 @@ class PolicySpec:
     # The torch pass accepts the caller's model (ctx.owns_model False), never mutates it and returns a
     # model sharing nothing with it: the engine then skips its up-front deepcopy.
     copies_input: bool = False
+    # ``normfx.export`` of a torch model runs the ONNX pass again on the exported graph, for what the torch
+    # route left (fuse: BNs the exporter exposes). False when the torch pass already did the whole job.
+    rerun_on_export: bool = True
 
 
 _REGISTRY: dict[str, PolicySpec] = {}

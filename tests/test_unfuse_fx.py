@@ -15,6 +15,7 @@ from normfx.errors import InputDataError, ModelError, PolicyError
 from normfx.inspect import batchnorm_calls
 from normfx.layers import FrozenBatchNorm2d, is_batchnorm
 
+
 def _batches(name: str, count: int = 3, batch: int = 8, seed: int = 11) -> list[torch.Tensor]:
     return [models.example_input(name, batch=batch, seed=seed + i) for i in range(count)]
 

@@ -1,0 +1,486 @@
+"""Policy ``unfuse`` on ONNX: put a BatchNormalization back after every Conv / ConvTranspose / Gemm /
+MatMul(+Add) that no normalization follows, so a fused export fine-tunes with BN's parameterization.
+
+Each eligible layer ``y = layer(x) + b`` becomes ``BatchNormalization(layer_nobias(x))``: the layer
+loses its bias (a Conv/ConvTranspose its third input, a Gemm its ``C``, a ``MatMul → Add(constant)``
+its Add), and a new BN node — named ``<layer>_bn`` — takes over the output tensor (same name, so
+consumers and graph outputs are unchanged). Its parameters come from
+:func:`normfx.fold.unfold_bn_params`: without data identity statistics (``mean = 0``,
+``var = 1 - eps``, ``scale = 1``, ``B = b``), exact in eval mode; with ``data`` the per-channel mean and
+(unbiased) variance of each new BN's input are measured over the data by onnxruntime with the model
+computing its eval function (:func:`normfx.stats.onnx_collect.collect_onnx_moments`,
+``batch_statistics=False``), and ``scale = sqrt(var + eps)``, ``B = mean + b``: still exact in eval,
+and close to the fused function in train mode. ``epsilon`` is the ``eps`` option, ``momentum`` the
+``momentum`` option in ONNX's convention (``1 - momentum``: PyTorch's 0.1 is ONNX's 0.9).
+
+Each rule is match → check (a reason when it declines) → apply, as in :mod:`.fuse`. Skipped with a
+reason: layers in subgraphs (If/Loop/Scan bodies) or local functions; a weight that is not a constant;
+a layer whose output already feeds a normalization (directly, or through shape-only ops / its bias
+Add); — unless ``classifier=true`` — a layer whose output reaches a graph output through
+parameter-free ops only (the classifier / prediction head); a MatMul whose input is not proven 2-D
+(BN normalizes axis 1, a MatMul's features are its last axis); a Gemm whose ``C`` varies along rows.
+
+ONNX has one BN op: ``norm`` = ``batchnorm``, ``frozen`` or ``sync`` all insert BatchNormalization
+(the class distinction exists only on the torch route). Existing initializers are never edited: the
+layer keeps its weight tensor, the BN gets new initializers. ``ctx.dry_run`` (explain) inserts the BNs
+on the private copy but measures nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ...errors import ModelError, PolicyError
+from ...fold import unfold_bn_params
+from ...report import APPLIED, SKIPPED
+from .chain import CHAIN_OPS
+from .edits import conv_params, optional_const, per_feature
+from .workspace import Workspace, node_label
+
+__all__ = ["run", "NORMS", "LAYER_OPS", "layer_nodes", "name_layer_nodes"]
+
+log = logging.getLogger(__name__)
+
+NORMS = ("batchnorm", "frozen", "sync")
+LAYER_OPS = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "linear", "MatMul": "linear"}
+NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
+# Ops with parameters of their own: a path from a layer to the graph output through one of them is no
+# "classifier" path (the same test as the torch route's: a module with parameters takes over).
+_PARAMETRIC = frozenset(LAYER_OPS) | NORM_OPS | {"PRelu"}
+_MIN_OPSET = 7  # BatchNormalization-7 onward (is_test / consumed_inputs gone); onnxruntime's floor as well
+
+NO_DATA_NOTE = (
+    "unfuse without data: the inserted BatchNormalizations have identity statistics (exact in eval mode), but "
+    "train mode will differ: pass data= to measure statistics"
+)
+CLASSIFIER_REASON = "produces the model output (the classifier); unfuse:classifier=true unfuses it too"
+
+
+# ----------------------------------------------------------------------------------------------
+# finding and naming the layers (main graph, subgraph bodies, local functions)
+
+
+@dataclass
+class LayerLocation:
+    """One Conv/ConvTranspose/Gemm/MatMul node and where it lives (``""``: the main graph)."""
+
+    node: onnx.NodeProto
+    where: str
+
+
+def _is_layer(node: onnx.NodeProto) -> bool:
+    return node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx")
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", g
+
+
+def _walk(graph: onnx.GraphProto, where: str, names: list[str]) -> Iterator[LayerLocation]:
+    for node in graph.node:
+        names.append(node.name)
+        if _is_layer(node):
+            yield LayerLocation(node, where)
+        for attr_name, sub in _subgraphs(node):
+            label = f"the {attr_name!r} subgraph of {node.op_type} node {node.name!r}"
+            yield from _walk(sub, label if not where else f"{label} (in {where})", names)
+
+
+def _locations(model: onnx.ModelProto) -> tuple[list[LayerLocation], list[str]]:
+    names: list[str] = []
+    found = list(_walk(model.graph, "", names))
+    for func in model.functions:
+        qualified = f"{func.domain}.{func.name}" if func.domain else func.name
+        for node in func.node:
+            names.append(node.name)
+            if _is_layer(node):
+                found.append(LayerLocation(node, f"local function {qualified!r}"))
+    return found, names
+
+
+def layer_nodes(model: onnx.ModelProto) -> list[LayerLocation]:
+    """Every default-domain Conv/ConvTranspose/Gemm/MatMul node: main graph in node order (descending
+    into If/Loop/Scan bodies where they occur), then the bodies of local functions."""
+    return _locations(model)[0]
+
+
+def name_layer_nodes(model: onnx.ModelProto) -> list[LayerLocation]:
+    """Give unnamed / duplicate-named layer nodes a stable name (``{op}_{i}``, ``i`` their rank in
+    :func:`layer_nodes` order), in place, as :func:`.io.name_batchnorm_nodes` does for BNs; idempotent."""
+    locations, all_names = _locations(model)
+    counts: dict[str, int] = {}
+    for name in all_names:
+        counts[name] = counts.get(name, 0) + 1
+    taken = {name for name in counts if name}
+    for index, loc in enumerate(locations):
+        name = loc.node.name
+        if name and counts.get(name, 0) == 1:
+            continue
+        candidate, bump = f"{loc.node.op_type}_{index}", 0
+        while candidate in taken:
+            bump += 1
+            candidate = f"{loc.node.op_type}_{index}_{bump}"
+        taken.add(candidate)
+        loc.node.name = candidate
+    return locations
+
+
+# ----------------------------------------------------------------------------------------------
+# match → check
+
+
+@dataclass(eq=False)
+class Site:
+    """A layer that passed its checks: what ``apply`` needs, and what the report says."""
+
+    node: gs.Node
+    name: str
+    kind: str  # fold.py's layer kind: conv, conv_transpose, linear
+    weight: np.ndarray  # fold.py's layout: conv (Cout, Cin/g, k...), conv_transpose (Cin, Cout/g, k...), linear (out, in)
+    bias: np.ndarray | None  # the (C,) bias the BN's B takes over
+    groups: int
+    channels: int
+    bias_add: gs.Node | None = None  # MatMul → Add(constant): the Add that goes
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out(self) -> gs.Tensor:
+        """The tensor the new BN produces (the layer's output, or its bias Add's)."""
+        return (self.bias_add or self.node).outputs[0]
+
+
+def _main_consumers(tensor: gs.Tensor, ws: Workspace) -> list[gs.Node]:
+    return [n for n in ws.data_consumers(tensor) if ws.in_main_graph(n)]
+
+
+def _normalization_after(out: gs.Tensor, ws: Workspace) -> gs.Node | None:
+    """A normalization reading ``out`` directly or through shape-only ops (Reshape, Flatten, ...)."""
+    stack, seen = [out], set()
+    while stack:
+        tensor = stack.pop()
+        for node in _main_consumers(tensor, ws):
+            if id(node) in seen or node.domain:
+                continue
+            seen.add(id(node))
+            if node.op in NORM_OPS and node.inputs and node.inputs[0] is tensor:
+                return node
+            if node.op in CHAIN_OPS and node.inputs and node.inputs[0] is tensor:
+                stack.extend(node.outputs[:1])
+    return None
+
+
+def _reaches_output(out: gs.Tensor, ws: Workspace) -> bool:
+    """Does ``out`` reach a graph output through parameter-free ops only (the classifier)?"""
+    stack, seen = [out], set()
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if ws.is_graph_output(tensor):
+            return True
+        for node in _main_consumers(tensor, ws):
+            if node.op in _PARAMETRIC and not node.domain:
+                continue  # a layer with parameters of its own takes over
+            stack.extend(t for t in node.outputs if not t.is_empty())
+    return False
+
+
+def _bias_add(matmul: gs.Node, n: int, ws: Workspace) -> tuple[gs.Node, np.ndarray] | None:
+    """The ``Add(MatMul output, constant per-feature bias)`` after ``matmul``, when it can be absorbed."""
+    out = matmul.outputs[0]
+    consumers = ws.data_consumers(out)
+    if len(consumers) != 1 or ws.is_graph_output(out):
+        return None
+    add = consumers[0]
+    if add.op != "Add" or add.domain or not ws.in_main_graph(add) or len(add.inputs) != 2:
+        return None
+    if add.inputs[0] is out and add.inputs[1] is not out:
+        index = 1
+    elif add.inputs[1] is out and add.inputs[0] is not out:
+        index = 0
+    else:
+        return None
+    value = optional_const(add, index, "bias", ws)
+    if value is None or isinstance(value, str):
+        return None
+    bias = per_feature(value, n, 2, f"{node_label(add)}'s constant")
+    if bias is None or isinstance(bias, str):
+        return None
+    return add, bias
+
+
+def _conv_site(node: gs.Node, name: str, ws: Workspace) -> Site | str:
+    kind = LAYER_OPS[node.op]
+    params = conv_params(node, kind, ws)
+    if isinstance(params, str):
+        return params
+    return Site(node, name, kind, params.weight, params.bias, params.groups, params.cout)
+
+
+def _gemm_site(node: gs.Node, name: str, ws: Workspace) -> Site | str:
+    label = node_label(node)
+    b = optional_const(node, 1, "B", ws)
+    if b is None or isinstance(b, str):
+        return b or f"{label} has no B input"
+    if b.ndim != 2:
+        return f"{label} has a B of rank {b.ndim}"
+    weight = b if int(node.attrs.get("transB", 0)) else b.T  # linear layout (out, in)
+    n = int(weight.shape[0])
+    c = optional_const(node, 2, "C", ws)
+    if isinstance(c, str):
+        return c
+    c_vec = per_feature(c, n, 2, f"{label}'s C")
+    if isinstance(c_vec, str):
+        return f"{c_vec}: a C that varies along rows is no per-feature bias a BatchNormalization can take over"
+    beta = float(node.attrs.get("beta", 1.0))
+    bias = None if c_vec is None else beta * c_vec
+    site = Site(node, name, "linear", np.ascontiguousarray(weight), bias, 1, n)
+    site.details["alpha"] = float(node.attrs.get("alpha", 1.0))
+    return site
+
+
+def _matmul_site(node: gs.Node, name: str, ws: Workspace) -> Site | str:
+    label = node_label(node)
+    w = optional_const(node, 1, "weight", ws)
+    if w is None or isinstance(w, str):
+        first = ws.const(node.inputs[0]) if node.inputs else "missing"
+        if isinstance(first, np.ndarray):
+            return f"{label}'s constant is its first operand (W @ x); only x @ W with a constant W is a linear layer"
+        return w or f"{label} has no second input"
+    if w.ndim != 2:
+        return f"{label}'s weight has rank {w.ndim}; only a 2-D (in, out) weight is a linear layer"
+    n = int(w.shape[1])
+    site = Site(node, name, "linear", np.ascontiguousarray(w.T), None, 1, n)
+    found = _bias_add(node, n, ws)
+    if found is not None:
+        site.bias_add, site.bias = found
+        site.details["bias_from"] = found[0].name or node_label(found[0])
+    return site
+
+
+def _rank_reason(site: Site, ws: Workspace) -> str | None:
+    """A MatMul's input must be proven 2-D: BN normalizes axis 1, the MatMul's features are its last."""
+    if site.node.op != "MatMul":
+        return None
+    x = site.node.inputs[0]
+    raw = ws.shapes.raw(x.name)
+    if raw is not None and len(raw) == 2:
+        return None
+    what = "of unknown rank" if raw is None else f"of rank {len(raw)} ({list(raw)})"
+    return (
+        f"its input {x.name!r} is {what}: BatchNormalization normalizes axis 1 but a MatMul's features are its "
+        "last axis; only a MatMul on a 2-D (batch, features) input is unfused"
+    )
+
+
+def _check(node: gs.Node, name: str, ws: Workspace, classifier: bool) -> Site | str:
+    """The site of layer ``node``, or why it is not unfused."""
+    if node.op in ("Conv", "ConvTranspose"):
+        site = _conv_site(node, name, ws)
+    elif node.op == "Gemm":
+        site = _gemm_site(node, name, ws)
+    else:
+        site = _matmul_site(node, name, ws)
+    if isinstance(site, str):
+        return site
+    norm = _normalization_after(site.out, ws)
+    if norm is not None:
+        return f"already followed by {node_label(norm)}: nothing to unfuse"
+    if not classifier and _reaches_output(site.out, ws):
+        return CLASSIFIER_REASON
+    return _rank_reason(site, ws) or site
+
+
+# ----------------------------------------------------------------------------------------------
+# apply
+
+
+@dataclass(eq=False)
+class Inserted:
+    """A BN put back after a layer: its node name and its four parameter constants (new initializers)."""
+
+    site: Site
+    bn_name: str
+    params: dict[str, gs.Constant]  # scale, B, mean, var
+
+
+_KEYS = {"scale": "weight", "B": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def _set_values(inserted: Inserted, values: dict[str, np.ndarray]) -> None:
+    for key, source in _KEYS.items():
+        inserted.params[key].values = np.ascontiguousarray(values[source])
+
+
+def _apply(site: Site, ws: Workspace, eps: float, momentum: float) -> Inserted:
+    """``layer(x) + b`` → ``BN(layer_nobias(x))`` with identity statistics (exact in eval)."""
+    node, out = site.node, site.out
+    _, values = unfold_bn_params(site.weight, site.bias, kind=site.kind, groups=site.groups, eps=eps)
+    bn_name = ws.fresh(f"{site.name}_bn")
+    params = {key: gs.Constant(ws.fresh(f"{bn_name}.{key}"), np.ascontiguousarray(values[src]))
+              for key, src in _KEYS.items()}
+    pre = ws.variable_like(f"{node.outputs[0].name}_prebn", node.outputs[0])
+    old_layer_out = node.outputs[0]
+    old = list(node.inputs[2:])
+    ws.set_output(node, 0, pre)
+    if site.bias_add is not None:
+        ws.move_metadata_readers(old_layer_out, pre)
+    if node.op == "Gemm" and ws.opset < 11 and len(node.inputs) > 2:  # C is required before Gemm-11
+        ws.set_input(node, 2, gs.Constant(ws.fresh(f"{site.name}.C_zero"), np.zeros(site.channels, site.weight.dtype)))
+    elif len(node.inputs) > 2:
+        ws.truncate_inputs(node, 2)
+    attrs = {"epsilon": float(eps), "momentum": float(1.0 - momentum)}
+    bn = gs.Node("BatchNormalization", name=bn_name, attrs=attrs,
+                 inputs=[pre, *(params[k] for k in _KEYS)], outputs=[out])
+    ws.insert_after(node, bn)
+    if site.bias_add is not None:
+        ws.remove(site.bias_add)
+    for tensor in old:
+        ws.drop_if_unused(tensor)
+    return Inserted(site, bn_name, params)
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+
+
+def _measure(ws: Workspace, inserted: list[Inserted], ctx: Any, eps: float) -> dict[str, str]:
+    """Measure each inserted BN's input over ``ctx.data`` and write the unfolded parameters.
+
+    Returns ``{bn name: "" | why identity statistics stayed}``."""
+    from ...stats.onnx_collect import collect_onnx_moments
+
+    staged = ws.export()  # identity statistics: the model computes its fused (eval) function
+    num_batches = ctx.option("num_batches") or None
+    names = [item.bn_name for item in inserted]
+    collected = collect_onnx_moments(staged, ctx.data, names, num_batches=num_batches, batch_statistics=False,
+                                     progress=True, desc="unfuse statistics")
+    kept: dict[str, str] = {}
+    for item in inserted:
+        stats = collected.layers.get(item.bn_name)
+        moments = getattr(stats, "moments", None)
+        if moments is None or moments.count <= 1:
+            count = 0 if moments is None else int(moments.count)
+            kept[item.bn_name] = f"the data gave {count} value(s) per channel"
+            log.warning("%s: %s; identity statistics kept", item.bn_name, kept[item.bn_name])
+            continue
+        site = item.site
+        _, values = unfold_bn_params(site.weight, site.bias, kind=site.kind, groups=site.groups,
+                                     channel_mean=moments.mean, channel_var=moments.var_unbiased, eps=eps)
+        _set_values(item, values)
+        item.site.details["values_per_channel"] = int(moments.count)
+        kept[item.bn_name] = ""
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# the pass
+
+
+def _options(ctx: Any) -> tuple[str, float, float, bool]:
+    norm = str(ctx.option("norm")).lower()
+    if norm not in NORMS:
+        raise PolicyError(f"policy 'unfuse': norm={ctx.option('norm')!r} is not one of {', '.join(NORMS)}")
+    eps, momentum = float(ctx.option("eps")), float(ctx.option("momentum"))
+    if not eps > 0:
+        raise PolicyError(f"policy 'unfuse': eps must be > 0, got {eps}")
+    if not 0.0 <= momentum <= 1.0:
+        raise PolicyError(f"policy 'unfuse': momentum must be in [0, 1] (PyTorch convention), got {momentum}")
+    return norm, eps, momentum, bool(ctx.option("classifier"))
+
+
+def _where_reason(loc: LayerLocation, opset: int) -> str | None:
+    """Why a layer is not even looked at: it lives in a subgraph / local function, or the opset is too old."""
+    if loc.where:
+        return f"inside {loc.where}: layers in subgraphs and local functions are not unfused"
+    if opset < _MIN_OPSET:
+        return (f"the model's opset {opset} is below {_MIN_OPSET}, whose BatchNormalization normfx does not write; "
+                "convert the model to a newer opset (onnx.version_converter)")
+    return None
+
+
+def _applied(item: Inserted, norm: str, measured: bool, why: str) -> tuple[str, str, dict[str, Any]]:
+    """The report entry of an inserted BN: ``measured`` when data gave its statistics."""
+    if measured:
+        source, what = "data", "statistics measured on data"
+    else:
+        source, what = "identity", f"identity statistics: {why or 'no data'}"
+    details = {"bn": item.bn_name, "statistics": source, "norm": norm, "op": "BatchNormalization",
+               "pattern": "→".join([item.site.node.op, *(["Add"] if item.site.bias_add else [])]),
+               **item.site.details}
+    return APPLIED, f"BatchNormalization {item.bn_name!r} inserted after it ({what})", details
+
+
+def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
+    """Insert a BatchNormalization after every targeted eligible layer; returns a new ModelProto
+    (``model`` itself when nothing changed). Options: ``norm``, ``eps``, ``momentum``, ``classifier``,
+    ``num_batches`` (see the policy)."""
+    norm, eps, momentum, classifier = _options(ctx)
+    locations = name_layer_nodes(model)
+    if not locations:
+        raise ModelError(
+            "the ONNX model has no Conv, ConvTranspose, Gemm or MatMul node that unfuse could put a "
+            "BatchNormalization after; pass the fused model (a CNN/MLP export) you meant to unfuse"
+        )
+    opset = _opset(model)
+    decisions: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    main: list[str] = []
+    for loc in locations:
+        if ctx.targets(loc.node.name):
+            reason = _where_reason(loc, opset)
+            if reason:
+                decisions[loc.node.name] = (SKIPPED, reason, {})
+            else:
+                main.append(loc.node.name)
+
+    ws = Workspace(model) if main else None
+    inserted: list[Inserted] = []
+    if ws is not None:
+        by_name = {n.name: n for n in ws.graph.nodes if n.op in LAYER_OPS and n.domain in (None, "", "ai.onnx")}
+        sites: list[Site] = []
+        for name in main:
+            result = _check(by_name[name], name, ws, classifier)
+            if isinstance(result, str):
+                decisions[name] = (SKIPPED, result, {})
+            else:
+                sites.append(result)
+        # all checks first, then the edits: a check must not see another layer's new BN
+        inserted = [_apply(site, ws, eps, momentum) for site in sites]
+
+    measure = ws is not None and bool(inserted) and ctx.data is not None
+    kept = _measure(ws, inserted, ctx, eps) if measure and not ctx.dry_run else {}
+    for item in inserted:
+        why = kept.get(item.bn_name, "")
+        decisions[item.site.name] = _applied(item, norm, measure and not why, why)
+    for loc in locations:
+        if loc.node.name in decisions:
+            status, reason, details = decisions[loc.node.name]
+            ctx.report.add(loc.node.name, ctx.rule, status, reason, **details)
+    if inserted and norm != "batchnorm":
+        ctx.report.note(f"unfuse:norm={norm} on ONNX inserts BatchNormalization: ONNX has one BN op, the "
+                        "FrozenBatchNorm/SyncBatchNorm distinction exists only on the torch route")
+    if inserted and ctx.data is None:
+        log.warning(NO_DATA_NOTE)
+        ctx.report.note(NO_DATA_NOTE)
+    if ws is None or not ws.changed:
+        return model
+    return ws.export()
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
