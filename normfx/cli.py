@@ -12,7 +12,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import ModelError, NormfxError, PolicyError, VerificationError
+from .errors import NormfxError, PolicyError, VerificationError
 
 log = logging.getLogger("normfx")
 
@@ -129,30 +129,102 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rewrite_check_inputs(args: argparse.Namespace, path: str) -> list:
+    """Random inputs to verify an ONNX rewrite on: ``--input-shape`` for a single-input model, else the
+    graph's own shapes with a dynamic batch axis of ``--batch``."""
+    import numpy as np
+
+    from .errors import InputDataError
+    from .loading import parse_shape
+    from .runtime import make_session, random_inputs
+
+    if args.input_shape:
+        session = make_session(path, optimization="disable")
+        if len(session.get_inputs()) != 1:
+            raise InputDataError(f"--input-shape gives one input but {path!r} takes {len(session.get_inputs())}")
+        shape = parse_shape(args.input_shape)
+        return [np.random.default_rng(args.seed).standard_normal(shape).astype(np.float32)]
+    try:
+        return random_inputs(path, batch=args.batch, seed=args.seed)
+    except InputDataError as exc:
+        raise InputDataError(f"cannot make inputs to verify the result: {str(exc).split('; pass')[0]}; give --input-shape") from None
+
+
+def _check_rewrite_out(path: str, protect: Sequence[str]) -> None:
+    """Refuse ``--out`` early when it is an input file or a folder (its folder is created when written)."""
+    from .errors import InputDataError
+
+    real = os.path.realpath(path)
+    for source in protect:
+        if os.path.realpath(source) == real:
+            raise InputDataError(f"--out {path!r} is the input file {source!r}: choose another output path")
+    if os.path.isdir(real):
+        raise InputDataError(f"--out {path!r} is a folder; give a file name, e.g. {os.path.join(path, 'model.onnx')}")
+
+
 def cmd_rewrite(args: argparse.Namespace) -> int:
+    from .cli_stats import load_data, model_dtype
     from .engine import rewrite_with_report
+    from .errors import InputDataError
     from .policy import parse_policy
     from .verify import verify
 
+    if args.num_batches < 0:
+        raise InputDataError(f"--num-batches must be >= 0 (0 = all), got {args.num_batches}")
     loaded = load_from_args(args)
-    if loaded.kind == "onnx":
-        raise ModelError(f"`normfx rewrite` rewrites torch models; for {loaded.label} use `normfx export --model {loaded.label} --out OUT.onnx`")
-    policy = parse_policy(policy_from_args(args))
-    needing = [s.name for s in policy.ordered_steps() if s.spec.needs_data]
-    if needing:
-        raise PolicyError(f"policy {', '.join(needing)} needs calibration data: use `normfx stats --data ...`")
-    if loaded.example_inputs is None:
-        raise PolicyError(f"{loaded.label}: no example input is known; give --input-shape")
-    result, report = rewrite_with_report(loaded.model, policy, example_inputs=loaded.example_inputs, strict=args.strict)
+    onnx_model = loaded.kind == "onnx"
+    if args.out and not onnx_model:
+        raise InputDataError(
+            f"--out writes ONNX models and {loaded.label} is a torch model: use `normfx export --model {loaded.label} "
+            "--out OUT.onnx` (rewrites, exports to ONNX and verifies)"
+        )
+    raw = policy_from_args(args)
+    steps = parse_policy(raw).ordered_steps()
+    needing = [s.name for s in steps if s.spec.needs_data]
+    if needing and not args.data:
+        raise PolicyError(f"policy {', '.join(needing)} needs calibration data: give --data inputs.npy|inputs.npz|module:factory")
+    takes_batches = args.num_batches and any("num_batches" in s.spec.options for s in steps)
+    policy = parse_policy(raw, {"num_batches": args.num_batches} if takes_batches else None)
+    protect = [p for p in (loaded.model if onnx_model else None, args.data, args.weights) if p and os.path.exists(p)]
+    if args.out:
+        _check_rewrite_out(args.out, protect)
+    data = None
+    if args.data:
+        data = load_data(args.data, batch_size=args.batch_size, dtype=None if onnx_model else model_dtype(loaded.model))
+    if onnx_model:
+        result, report = rewrite_with_report(loaded.model, policy, data=data, strict=args.strict)
+        check = verify(loaded.model, result, _rewrite_check_inputs(args, loaded.model), rtol=args.rtol)
+    else:
+        if loaded.example_inputs is None:
+            raise PolicyError(f"{loaded.label}: no example input is known; give --input-shape")
+        result, report = rewrite_with_report(loaded.model, policy, example_inputs=loaded.example_inputs, data=data,
+                                             strict=args.strict)
+        check = verify(loaded.model, result, loaded.example_inputs, rtol=args.rtol)
     report.model = loaded.label
-    check = verify(loaded.model, result, loaded.example_inputs, rtol=args.rtol)
     exact = all(s.spec.exact for s in policy.ordered_steps())
+    failed = exact and not check.ok
+    if args.out and not failed:
+        from .io_utils import atomic_write_bytes
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        atomic_write_bytes(args.out, result.SerializeToString(), protect=protect)
+    written = args.out if args.out and not failed else None
     if args.json:
-        emit(json.dumps({"report": report.to_dict(), "verification": check.to_dict(), "exact": exact}, indent=2, default=str))
+        emit(json.dumps({"report": report.to_dict(), "verification": check.to_dict(), "exact": exact, "out": written},
+                        indent=2, default=str))
     else:
         emit(report.format())
-        emit(f"verification against the original: {check}")
-    return EXIT_FAILED if exact and not check.ok else EXIT_OK
+        inexact = [s.name for s in policy.ordered_steps() if not s.spec.exact]
+        if inexact:
+            emit(f"difference from the original (not enforced: policy {', '.join(inexact)} changes the function by "
+                 f"design): max rel error {check.max_rel_error:.3g}, max abs error {check.max_abs_error:.3g}")
+        else:
+            emit(f"verification against the original: {check}")
+        if written:
+            emit(f"wrote {written}")
+        elif args.out:
+            emit(f"nothing written to {args.out}: the verification failed")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 Command = Callable[[argparse.Namespace], int]
@@ -178,9 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("rewrite", help="rewrite a torch model by a policy, print the report and verify it")
+    p = sub.add_parser("rewrite", help="rewrite a torch or ONNX model by a policy, print the report and verify it",
+                       description="Rewrite a model by a policy, print the report and verify the result against the "
+                                   "original (torch: on its example input; ONNX: in onnxruntime on random inputs). "
+                                   "Exit 1 when an exact policy's result is not equivalent (nothing is written).")
     add_model_args(p)
     add_policy_args(p)
+    p.add_argument("--data", help="calibration data for precise/adaptive/unfuse: inputs.npy / inputs.npz, or "
+                                  "module:factory returning an iterable of batches (IMPORTS AND RUNS that code)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size for array data (default: %(default)s)")
+    p.add_argument("--num-batches", type=int, default=0, help="use only the first N batches of --data (0 = all)")
+    p.add_argument("--out", help="write the rewritten ONNX model here (ONNX input only; atomically, folders created, "
+                                 "never over the input)")
     p.add_argument("--strict", action="store_true", help="fail when any targeted layer is skipped")
     p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of the verification")
     p.add_argument("--json", action="store_true")

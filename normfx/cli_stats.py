@@ -1,7 +1,7 @@
 """``normfx stats``: recompute BN statistics on data (precise or adaptive BN) and show how stale the
 stored EMA statistics were.
 
-    normfx stats --model NAME|module:factory --data inputs.npz|inputs.npy|module:factory
+    normfx stats --model NAME|model.onnx|module:factory --data inputs.npz|inputs.npy|module:factory
                  [--mode precise|adaptive] [--batch-size B] [--num-batches N]
                  [--out stats.pt|stats.json] [--plot drift.png] [--json]
 
@@ -9,9 +9,11 @@ stored EMA statistics were.
 ``.npz`` with one array (the same) or several arrays of equal length (each batch is a dict fed as
 keyword arguments); or ``module:factory`` whose result is an iterable of batches (used as is) or one
 array (split into batches). Floating arrays are cast to the model's dtype.
-``--out stats.pt``: the model's state_dict with the new statistics (``model.load_state_dict``);
-``--out stats.json``: per-layer statistics, the drift table and the report. Outputs are written
-atomically and never over an input.
+``--model model.onnx``: the statistics of its BatchNormalization nodes, measured in onnxruntime (one
+row per node); batches are fed to the graph input (``.npz`` with several arrays: by input name).
+``--out stats.pt`` (torch models only): the model's state_dict with the new statistics
+(``model.load_state_dict``); ``--out stats.json``: per-layer statistics, the drift table and the
+report. Outputs are written atomically and never over an input.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from .errors import InputDataError, ModelError
 from .stats.recompute import MODES
 
-__all__ = ["add_parser", "run", "load_data"]
+__all__ = ["add_parser", "run", "load_data", "model_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,8 @@ def load_data(spec: str, *, batch_size: int = 32, dtype: torch.dtype | None = No
     raise InputDataError(f"--data {spec!r}: give an .npy/.npz file of inputs or module:factory returning batches")
 
 
-def _model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+def model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter/buffer (array data is cast to it)."""
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype
@@ -147,6 +150,29 @@ def _statistics(model: torch.nn.Module, report: Any) -> dict[str, Any]:
     return out
 
 
+def _onnx_statistics(model: Any, report: Any) -> dict[str, Any]:
+    """Per recomputed BatchNormalization node: the mean/var it now holds, its epsilon, count and calls."""
+    from .stats.onnx_recompute import Constants
+
+    constants = Constants(model)
+    nodes = {n.name: n for n in model.graph.node if n.op_type == "BatchNormalization"}
+    out = {}
+    for entry in report.applied:
+        node = nodes[entry.name]
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        mean, var = (np.asarray(constants.value(node.input[i]), np.float64) for i in (3, 4))
+        out[entry.name] = {
+            "running_mean": mean.tolist(),
+            "running_var": var.tolist(),
+            "eps": float(eps),
+            "count": entry.details.get("count"),
+            "calls": entry.details.get("calls"),
+            "mean_input": node.input[3],
+            "var_input": node.input[4],
+        }
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``normfx stats``; errors are :class:`~normfx.errors.NormfxError` subclasses (exit code 2 in the CLI)."""
     from .cli import emit, load_from_args
@@ -157,9 +183,15 @@ def run(args: argparse.Namespace) -> int:
         raise InputDataError(f"--num-batches must be >= 0 (0 = all), got {args.num_batches}")
     protect = _check_outputs(args)
     loaded = load_from_args(args)
-    if not isinstance(loaded.model, torch.nn.Module):
-        raise ModelError(f"normfx stats needs a torch model; {args.model!r} is an ONNX file (statistics live in torch BN layers)")
-    data = load_data(args.data, batch_size=args.batch_size, dtype=_model_dtype(loaded.model))
+    onnx_model = loaded.kind == "onnx"
+    if onnx_model and args.out and args.out.lower().endswith(".pt"):
+        raise InputDataError(
+            f"--out {args.out!r}: a .pt file holds a torch state_dict; for an ONNX model write --out stats.json, or the "
+            "model itself with `normfx rewrite --model MODEL.onnx --policy precise --data DATA --out NEW.onnx`"
+        )
+    if not onnx_model and not isinstance(loaded.model, torch.nn.Module):
+        raise ModelError(f"normfx stats needs a torch model or an .onnx file; got {type(loaded.model).__name__}")
+    data = load_data(args.data, batch_size=args.batch_size, dtype=None if onnx_model else model_dtype(loaded.model))
     result = recompute_with_diagnosis(loaded.model, data, num_batches=args.num_batches or None, mode=args.mode)
     payload = {
         "model": loaded.label,
@@ -186,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
             with atomic_path(args.out, protect) as tmp:
                 torch.save(state, tmp)
         else:
-            payload["statistics"] = _statistics(result.model, result.report)
+            statistics = _onnx_statistics if onnx_model else _statistics
+            payload["statistics"] = statistics(result.model, result.report)
             atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n", protect=protect)
         if not args.json:
             emit(f"wrote {args.out}")

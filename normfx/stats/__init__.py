@@ -5,7 +5,9 @@
 * :func:`diagnose_ema` — per-layer drift of the stored EMA statistics from the precise ones.
 
 Modules: ``moments`` (float64 math), ``feed`` (batches → model), ``collect`` (hooks),
-``distributed`` (cross-rank merge), ``recompute`` (the API and passes), ``diagnose`` (drift).
+``distributed`` (cross-rank merge), ``recompute`` (the API and passes), ``diagnose`` (drift);
+the ONNX route: ``onnx_collect`` (BN inputs measured in onnxruntime) and ``onnx_recompute`` (writing
+the statistics into the graph, the ONNX passes). The API functions take either kind of model.
 """
 
 from .diagnose import EMADiagnosis, LayerDrift, StatsRun, diagnose_ema, recompute_with_diagnosis

@@ -38,7 +38,7 @@ class LayerStats:
     """What one BN layer saw: population moments of its input, calls, batches that reached it."""
 
     name: str
-    module: nn.Module = field(repr=False)
+    module: Any = field(repr=False)  # the nn.Module (torch route), the onnx NodeProto (ONNX route) or None
     moments: Moments | None = None
     calls: int = 0
     batches: int = 0

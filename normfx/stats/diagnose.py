@@ -31,7 +31,9 @@ from ..report import Report
 from .collect import Collected, collect_stats
 from .recompute import apply_stats, check_mode, select_layers, unwrap_parallel
 
-__all__ = ["LayerDrift", "EMADiagnosis", "StatsRun", "diagnose_ema", "drift_from", "recompute_with_diagnosis"]
+__all__ = [
+    "LayerDrift", "EMADiagnosis", "StatsRun", "diagnose_ema", "drift_from", "layer_drift", "recompute_with_diagnosis",
+]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,22 @@ def _finite(value: float) -> float:
     return float(value) if math.isfinite(value) else float("inf")
 
 
+def layer_drift(name: str, calls: int, moments: Any, mu_ema: torch.Tensor, var_ema: torch.Tensor,
+                eps: float) -> LayerDrift:
+    """One layer's drift: stored ``mu_ema``/``var_ema`` against the precise ``moments`` (both routes use it)."""
+    mu_ema = mu_ema.detach().to("cpu", torch.float64)
+    var_ema = var_ema.detach().to("cpu", torch.float64)
+    mu = moments.mean.to("cpu", torch.float64)
+    var = moments.var_unbiased.to("cpu", torch.float64)
+    shift = (mu_ema - mu).abs() / (var + eps).sqrt()
+    ratio = (var_ema + eps) / (var + eps)
+    return LayerDrift(
+        name, int(mu.numel()), calls, int(moments.count),
+        _finite(shift.mean()), _finite(shift.max()),
+        _finite(ratio.mean()), _finite(ratio.min()), _finite(ratio.max()),
+    )
+
+
 def drift_from(model: nn.Module, layers: dict[str, nn.Module], collected: Collected, mode: str) -> EMADiagnosis:
     """Compare the stored statistics of ``model``'s layers (by name) with the collected precise ones."""
     stored = dict(model.named_modules())
@@ -161,20 +179,7 @@ def drift_from(model: nn.Module, layers: dict[str, nn.Module], collected: Collec
         if not s.reached:
             continue
         bn = stored[name]
-        eps = float(bn.eps)
-        mu_ema = bn.running_mean.detach().to("cpu", torch.float64)
-        var_ema = bn.running_var.detach().to("cpu", torch.float64)
-        mu = s.moments.mean.to("cpu", torch.float64)
-        var = s.moments.var_unbiased.to("cpu", torch.float64)
-        shift = (mu_ema - mu).abs() / (var + eps).sqrt()
-        ratio = (var_ema + eps) / (var + eps)
-        rows.append(
-            LayerDrift(
-                name, int(mu.numel()), s.calls, int(s.moments.count),
-                _finite(shift.mean()), _finite(shift.max()),
-                _finite(ratio.mean()), _finite(ratio.min()), _finite(ratio.max()),
-            )
-        )
+        rows.append(layer_drift(name, s.calls, s.moments, bn.running_mean, bn.running_var, float(bn.eps)))
     return EMADiagnosis(rows, mode, collected.batches, collected.world_size, collected.unreached)
 
 
@@ -182,13 +187,13 @@ def drift_from(model: nn.Module, layers: dict[str, nn.Module], collected: Collec
 class StatsRun:
     """One pass over data: the model with new statistics, its report, and the drift of the old ones."""
 
-    model: nn.Module
+    model: Any  # nn.Module (torch route) or onnx.ModelProto (ONNX route)
     report: Report
     diagnosis: EMADiagnosis
 
 
 def recompute_with_diagnosis(
-    model: nn.Module,
+    model: Any,
     data: Any,
     *,
     num_batches: int | None = None,
@@ -196,8 +201,17 @@ def recompute_with_diagnosis(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
 ) -> StatsRun:
-    """:func:`normfx.recompute_stats` and :func:`diagnose_ema` from a single pass over ``data``."""
+    """:func:`normfx.recompute_stats` and :func:`diagnose_ema` from a single pass over ``data``.
+
+    ``model`` may also be an ONNX model (``onnx.ModelProto`` or a path): the run's model is then a new
+    ModelProto and the diagnosis compares each BatchNormalization node's stored mean/var.
+    """
     check_mode(mode)
+    from .onnx_recompute import check_no_forward, is_onnx_model, recompute_with_diagnosis_onnx
+
+    if is_onnx_model(model):
+        check_no_forward(forward)
+        return recompute_with_diagnosis_onnx(model, data, num_batches=num_batches, mode=mode, progress=progress)
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     source = unwrap_parallel(model)
@@ -218,7 +232,7 @@ def recompute_with_diagnosis(
 
 
 def diagnose_ema(
-    model: nn.Module,
+    model: Any,
     data: Any,
     *,
     num_batches: int | None = None,
@@ -229,7 +243,8 @@ def diagnose_ema(
 ) -> EMADiagnosis:
     """Measure precise statistics on ``data`` and report, per BN layer, how far the stored (EMA) ones drift.
 
-    The model is not modified (the pass runs on a copy). ``data``, ``num_batches``, ``forward``,
+    The model (an ``nn.Module``, or an ONNX ``ModelProto`` / path: one row per BatchNormalization node)
+    is not modified (the pass runs on a copy). ``data``, ``num_batches``, ``forward``,
     ``progress`` are as in :func:`normfx.recompute_stats`; ``plot=path`` also saves a matplotlib
     figure (Agg backend); ``mode`` only labels the result. Under torch.distributed every rank gets
     the same diagnosis. The two measures are defined in this module's docstring: the mean shift in

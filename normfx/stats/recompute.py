@@ -153,16 +153,22 @@ def check_mode(mode: str) -> None:
 
 
 def recompute_stats_with_report(
-    model: nn.Module,
+    model: Any,
     data: Any,
     *,
     num_batches: int | None = None,
     mode: str = "precise",
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
-) -> tuple[nn.Module, Report]:
+) -> tuple[Any, Report]:
     """Like :func:`recompute_stats`, and also return the :class:`~normfx.report.Report` (one entry per BN)."""
     check_mode(mode)
+    from .onnx_recompute import check_no_forward, is_onnx_model, recompute_onnx
+
+    if is_onnx_model(model):
+        check_no_forward(forward)
+        result, report, _, _ = recompute_onnx(model, data, num_batches=num_batches, mode=mode, progress=progress)
+        return result, report
     if not isinstance(model, nn.Module):
         raise ModelError(f"recompute_stats needs a torch.nn.Module, got {type(model).__name__}")
     work = copy.deepcopy(unwrap_parallel(model))
@@ -180,14 +186,14 @@ def recompute_stats_with_report(
 
 
 def recompute_stats(
-    model: nn.Module,
+    model: Any,
     data: Any,
     *,
     num_batches: int | None = None,
     mode: str = "precise",
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
-) -> nn.Module:
+) -> Any:
     """Return a copy of ``model`` whose BatchNorm running statistics are the population estimate over ``data``.
 
     Every BN layer's ``running_mean``/``running_var`` is replaced (not blended) by the per-channel
@@ -197,8 +203,15 @@ def recompute_stats(
     a BN called several times per forward accumulates every call. The input model is untouched; the
     copy keeps its train/eval modes and momenta.
 
+    ONNX models: pass an ``onnx.ModelProto`` or a path to a ``.onnx`` file and get a new ``ModelProto``
+    (the caller's proto and file are untouched). Every BatchNormalization node of the main graph gets
+    the statistics of its own input, measured in onnxruntime with the node on batch statistics
+    (:mod:`normfx.stats.onnx_recompute`); batches are arrays/tensors, ``(inputs, *targets)`` or
+    ``{graph input name: array}`` dicts; ``forward`` does not apply.
+
     Args:
-        model: any ``nn.Module`` with BatchNorm layers (DataParallel/DDP wrappers are unwrapped).
+        model: any ``nn.Module`` with BatchNorm layers (DataParallel/DDP wrappers are unwrapped), or an
+            ONNX model (``onnx.ModelProto`` or path).
         data: an iterable of batches: tensors, tuples/lists ``(inputs, *targets)`` (first element
             fed), or dicts (fed as keyword arguments). Tensors are moved to the model's device.
         num_batches: use only the first ``num_batches`` batches (``None``/0: all).

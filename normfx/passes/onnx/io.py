@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import onnx
 
 from ...errors import ModelError
 
 __all__ = [
+    "NodeLocation",
     "BnLocation",
+    "find_nodes",
+    "name_nodes",
     "load_model_proto",
     "batchnorm_nodes",
     "onnx_batchnorm_names",
@@ -41,12 +44,15 @@ def is_batchnorm(node: onnx.NodeProto) -> bool:
 
 
 @dataclass
-class BnLocation:
-    """One BatchNormalization node and where it lives: ``where`` is ``""`` for the main graph, else a
-    description of the subgraph or local function holding it."""
+class NodeLocation:
+    """One node and where it lives: ``where`` is ``""`` for the main graph, else a description of the
+    subgraph or local function holding it."""
 
     node: onnx.NodeProto
     where: str
+
+
+BnLocation = NodeLocation  # a BatchNormalization node's location
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
@@ -58,48 +64,38 @@ def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
                 yield f"{attr.name}[{i}]", g
 
 
-def _walk(graph: onnx.GraphProto, where: str) -> Iterator[BnLocation]:
+def _walk(graph: onnx.GraphProto, where: str, wanted: Callable[[onnx.NodeProto], bool]) -> Iterator[NodeLocation]:
     for node in graph.node:
-        if is_batchnorm(node):
-            yield BnLocation(node, where)
+        if wanted(node):
+            yield NodeLocation(node, where)
         for attr_name, sub in _subgraphs(node):
             label = f"the {attr_name!r} subgraph of {node.op_type} node {node.name!r}"
-            yield from _walk(sub, label if not where else f"{label} (in {where})")
+            yield from _walk(sub, label if not where else f"{label} (in {where})", wanted)
 
 
-def batchnorm_nodes(model: onnx.ModelProto) -> list[BnLocation]:
-    """Every BatchNormalization node: main graph (in node order, descending into If/Loop/Scan bodies
-    where they occur), then the bodies of local functions."""
-    found = list(_walk(model.graph, ""))
+def find_nodes(model: onnx.ModelProto, wanted: Callable[[onnx.NodeProto], bool]) -> list[NodeLocation]:
+    """Every node ``wanted`` accepts: main graph (in node order, descending into If/Loop/Scan bodies where
+    they occur), then the bodies of local functions."""
+    found = list(_walk(model.graph, "", wanted))
     for func in model.functions:
         for node in func.node:
-            if is_batchnorm(node):
+            if wanted(node):
                 qualified = f"{func.domain}.{func.name}" if func.domain else func.name
-                found.append(BnLocation(node, f"local function {qualified!r}"))
+                found.append(NodeLocation(node, f"local function {qualified!r}"))
     return found
 
 
-def _all_node_names(model: onnx.ModelProto) -> list[str]:
-    names: list[str] = []
-
-    def walk(graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            names.append(node.name)
-            for _, sub in _subgraphs(node):
-                walk(sub)
-
-    walk(model.graph)
-    for func in model.functions:
-        names.extend(node.name for node in func.node)
-    return names
+def batchnorm_nodes(model: onnx.ModelProto) -> list[BnLocation]:
+    """Every BatchNormalization node, in :func:`find_nodes` order."""
+    return find_nodes(model, is_batchnorm)
 
 
-def _planned_names(model: onnx.ModelProto) -> list[str]:
-    """The name each BN node has after :func:`name_batchnorm_nodes` (same order as batchnorm_nodes)."""
-    locations = batchnorm_nodes(model)
+def _planned_names(model: onnx.ModelProto, locations: list[NodeLocation]) -> list[str]:
+    """The name each located node has after :func:`name_nodes`: its own when unique, else
+    ``{op_type}_{i}`` (``i`` its rank in ``locations``), bumped past names already taken."""
     counts: dict[str, int] = {}
-    for name in _all_node_names(model):
-        counts[name] = counts.get(name, 0) + 1
+    for loc in find_nodes(model, lambda node: True):
+        counts[loc.node.name] = counts.get(loc.node.name, 0) + 1
     taken = {name for name in counts if name}
     planned: list[str] = []
     for index, loc in enumerate(locations):
@@ -107,13 +103,23 @@ def _planned_names(model: onnx.ModelProto) -> list[str]:
         if name and counts.get(name, 0) == 1:
             planned.append(name)
             continue
-        candidate, bump = f"{_BN_OP}_{index}", 0
+        candidate, bump = f"{loc.node.op_type}_{index}", 0
         while candidate in taken:
             bump += 1
-            candidate = f"{_BN_OP}_{index}_{bump}"
+            candidate = f"{loc.node.op_type}_{index}_{bump}"
         taken.add(candidate)
         planned.append(candidate)
     return planned
+
+
+def name_nodes(model: onnx.ModelProto, wanted: Callable[[onnx.NodeProto], bool]) -> list[NodeLocation]:
+    """Give the unnamed / duplicate-named nodes ``wanted`` accepts a stable name, in place; idempotent.
+    Returns their locations."""
+    locations = find_nodes(model, wanted)
+    for loc, name in zip(locations, _planned_names(model, locations)):
+        if loc.node.name != name:
+            loc.node.name = name
+    return locations
 
 
 def onnx_batchnorm_names(model: onnx.ModelProto) -> list[str]:
@@ -122,14 +128,12 @@ def onnx_batchnorm_names(model: onnx.ModelProto) -> list[str]:
     Unnamed or duplicate-named nodes are listed under the name :func:`name_batchnorm_nodes` gives
     them (``BatchNormalization_{i}``); the model is not modified.
     """
-    return _planned_names(model)
+    return _planned_names(model, batchnorm_nodes(model))
 
 
 def name_batchnorm_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Give unnamed / duplicate-named BatchNormalization nodes their stable names, in place; idempotent."""
-    for loc, name in zip(batchnorm_nodes(model), _planned_names(model)):
-        if loc.node.name != name:
-            loc.node.name = name
+    name_nodes(model, is_batchnorm)
     return model
 
 

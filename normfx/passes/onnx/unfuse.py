@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,6 +41,7 @@ from ...fold import unfold_bn_params
 from ...report import APPLIED, SKIPPED
 from .chain import CHAIN_OPS
 from .edits import conv_params, optional_const, per_feature
+from .io import NodeLocation, find_nodes, name_nodes
 from .workspace import Workspace, node_label
 
 __all__ = ["run", "NORMS", "LAYER_OPS", "layer_nodes", "name_layer_nodes"]
@@ -66,74 +67,22 @@ CLASSIFIER_REASON = "produces the model output (the classifier); unfuse:classifi
 # finding and naming the layers (main graph, subgraph bodies, local functions)
 
 
-@dataclass
-class LayerLocation:
-    """One Conv/ConvTranspose/Gemm/MatMul node and where it lives (``""``: the main graph)."""
-
-    node: onnx.NodeProto
-    where: str
+LayerLocation = NodeLocation
 
 
 def _is_layer(node: onnx.NodeProto) -> bool:
     return node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx")
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.name, attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(attr.graphs):
-                yield f"{attr.name}[{i}]", g
-
-
-def _walk(graph: onnx.GraphProto, where: str, names: list[str]) -> Iterator[LayerLocation]:
-    for node in graph.node:
-        names.append(node.name)
-        if _is_layer(node):
-            yield LayerLocation(node, where)
-        for attr_name, sub in _subgraphs(node):
-            label = f"the {attr_name!r} subgraph of {node.op_type} node {node.name!r}"
-            yield from _walk(sub, label if not where else f"{label} (in {where})", names)
-
-
-def _locations(model: onnx.ModelProto) -> tuple[list[LayerLocation], list[str]]:
-    names: list[str] = []
-    found = list(_walk(model.graph, "", names))
-    for func in model.functions:
-        qualified = f"{func.domain}.{func.name}" if func.domain else func.name
-        for node in func.node:
-            names.append(node.name)
-            if _is_layer(node):
-                found.append(LayerLocation(node, f"local function {qualified!r}"))
-    return found, names
-
-
 def layer_nodes(model: onnx.ModelProto) -> list[LayerLocation]:
-    """Every default-domain Conv/ConvTranspose/Gemm/MatMul node: main graph in node order (descending
-    into If/Loop/Scan bodies where they occur), then the bodies of local functions."""
-    return _locations(model)[0]
+    """Every default-domain Conv/ConvTranspose/Gemm/MatMul node, in :func:`.io.find_nodes` order."""
+    return find_nodes(model, _is_layer)
 
 
 def name_layer_nodes(model: onnx.ModelProto) -> list[LayerLocation]:
-    """Give unnamed / duplicate-named layer nodes a stable name (``{op}_{i}``, ``i`` their rank in
-    :func:`layer_nodes` order), in place, as :func:`.io.name_batchnorm_nodes` does for BNs; idempotent."""
-    locations, all_names = _locations(model)
-    counts: dict[str, int] = {}
-    for name in all_names:
-        counts[name] = counts.get(name, 0) + 1
-    taken = {name for name in counts if name}
-    for index, loc in enumerate(locations):
-        name = loc.node.name
-        if name and counts.get(name, 0) == 1:
-            continue
-        candidate, bump = f"{loc.node.op_type}_{index}", 0
-        while candidate in taken:
-            bump += 1
-            candidate = f"{loc.node.op_type}_{index}_{bump}"
-        taken.add(candidate)
-        loc.node.name = candidate
-    return locations
+    """Give unnamed / duplicate-named layer nodes a stable name (``{op}_{i}``), in place, as
+    :func:`.io.name_batchnorm_nodes` does for BNs; idempotent."""
+    return name_nodes(model, _is_layer)
 
 
 # ----------------------------------------------------------------------------------------------
