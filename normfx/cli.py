@@ -162,6 +162,23 @@ def _check_rewrite_out(path: str, protect: Sequence[str]) -> None:
         raise InputDataError(f"--out {path!r} is a folder; give a file name, e.g. {os.path.join(path, 'model.onnx')}")
 
 
+def _data_files(specs: Sequence[str], steps: Sequence[str]) -> dict[str, str]:
+    """``--data FILE`` (every step's data) or ``--data STEP=FILE`` per step → ``{step or "": FILE}``."""
+    from .errors import InputDataError
+
+    files: dict[str, str] = {}
+    for spec in specs:
+        step, eq, path = spec.partition("=")
+        if not eq or step not in steps:
+            step, path = "", spec
+        if step in files:
+            raise InputDataError(f"--data is given twice for {('step ' + repr(step)) if step else 'every step'}")
+        files[step] = path
+    if "" in files and len(files) > 1:
+        raise InputDataError("give either one --data FILE for every step or --data STEP=FILE per step, not both")
+    return files
+
+
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from .cli_stats import load_data, model_dtype
     from .engine import rewrite_with_report
@@ -180,17 +197,18 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         )
     raw = policy_from_args(args)
     steps = parse_policy(raw).ordered_steps()
+    data_files = _data_files(args.data or [], [s.name for s in steps])
     needing = [s.name for s in steps if s.spec.needs_data]
     if needing and not args.data:
         raise PolicyError(f"policy {', '.join(needing)} needs calibration data: give --data inputs.npy|inputs.npz|module:factory")
     takes_batches = args.num_batches and any("num_batches" in s.spec.options for s in steps)
     policy = parse_policy(raw, {"num_batches": args.num_batches} if takes_batches else None)
-    protect = [p for p in (loaded.model if onnx_model else None, args.data, args.weights) if p and os.path.exists(p)]
+    protect = [p for p in (loaded.model if onnx_model else None, *data_files.values(), args.weights) if p and os.path.exists(p)]
     if args.out:
         _check_rewrite_out(args.out, protect)
-    data = None
-    if args.data:
-        data = load_data(args.data, batch_size=args.batch_size, dtype=None if onnx_model else model_dtype(loaded.model))
+    dtype = None if onnx_model else model_dtype(loaded.model)
+    loaded_data = {step: load_data(spec, batch_size=args.batch_size, dtype=dtype) for step, spec in data_files.items()}
+    data = loaded_data.get("") if "" in loaded_data else (loaded_data or None)
     if onnx_model:
         result, report = rewrite_with_report(loaded.model, policy, data=data, strict=args.strict)
         check = verify(loaded.model, result, _rewrite_check_inputs(args, loaded.model), rtol=args.rtol)
@@ -256,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exit 1 when an exact policy's result is not equivalent (nothing is written).")
     add_model_args(p)
     add_policy_args(p)
-    p.add_argument("--data", help="calibration data for precise/adaptive/unfuse: inputs.npy / inputs.npz, or "
-                                  "module:factory returning an iterable of batches (IMPORTS AND RUNS that code)")
+    p.add_argument("--data", action="append", metavar="[STEP=]FILE",
+                   help="calibration data for precise/adaptive/unfuse: inputs.npy / inputs.npz, or module:factory "
+                        "returning an iterable of batches (IMPORTS AND RUNS that code); STEP=FILE gives one step its "
+                        "own data (repeat: --data unfuse=source.npz --data adaptive=target.npz)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for array data (default: %(default)s)")
     p.add_argument("--num-batches", type=int, default=0, help="use only the first N batches of --data (0 = all)")
     p.add_argument("--out", help="write the rewritten ONNX model here (ONNX input only; atomically, folders created, "

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .errors import ModelError, PolicyError, RewriteError
 from .layers import is_batchnorm
-from .policy import Policy, Step, parse_policy
+from .policy import Policy, Step, parse_policy, policy_names
 from .report import KEPT, Report
 
 __all__ = ["PassContext", "rewrite", "rewrite_with_report", "explain"]
@@ -74,9 +75,40 @@ def _batchnorm_names(model: torch.nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if is_batchnorm(m)]
 
 
+_STATS_AFTER_UNFUSE = ("precise", "adaptive")
+
+
+def _data_per_step(data: Any, parsed: Policy, report: Report) -> Callable[[Step], Any]:
+    """Which data each step gets: ``data`` itself, or — when ``data`` maps step names to data
+    (``{"unfuse": source_batches, "adaptive": target_batches}``) — the step's own entry (None if absent)."""
+    steps = parsed.ordered_steps()
+    names = [s.name for s in steps]
+    per_step = isinstance(data, Mapping) and bool(data) and all(isinstance(k, str) for k in data) \
+        and bool(set(data) & set(policy_names()))
+    if per_step:
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise PolicyError(f"data is given for step(s) {', '.join(unknown)} that the policy {parsed} does not have; "
+                              f"its steps: {', '.join(names)}")
+        chosen = {name: data.get(name) for name in names}
+    else:
+        chosen = {name: data for name in names}
+    if "unfuse" in names and data is not None:
+        later = [n for n in names[names.index("unfuse") + 1:] if n in _STATS_AFTER_UNFUSE]
+        same = [n for n in later if chosen[n] is not None and chosen[n] is chosen["unfuse"]]
+        if same:
+            note = (f"{same[0]} after unfuse on the same data recomputes the statistics unfuse just measured (up to "
+                    f"batch-to-batch noise): the model hardly changes. Calibrate unfuse on source-domain data instead: "
+                    f"data={{'unfuse': source_batches, '{same[0]}': target_batches}}")
+            log.warning(note)
+            report.note(note)
+    return lambda step: chosen[step.name]
+
+
 def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: dict, dry_run: bool, feed: Any = None):
     parsed = parse_policy(policy, options)
     report = Report(policy=str(parsed), model=type(model).__name__)
+    data_for = _data_per_step(data, parsed, report)
     if _is_onnx(model):
         from .passes.onnx.io import load_model_proto, onnx_batchnorm_names
 
@@ -101,7 +133,8 @@ def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: di
             raise PolicyError(f"policy {step.name!r} works on {other} models only; it cannot rewrite a {kind} model")
         if not owned and not spec.copies_input:
             work, owned = copy.deepcopy(work), True
-        ctx = PassContext(step, parsed, report, inputs, data, dry_run, dict(options), owns_model=owned, feed=feed)
+        ctx = PassContext(step, parsed, report, inputs, data_for(step), dry_run, dict(options), owns_model=owned,
+                          feed=feed)
         log.debug("running step %s (dry_run=%s)", step, dry_run)
         result = run_pass(work, ctx)
         if result is not None:
@@ -155,7 +188,8 @@ def rewrite(
     (``"fuse"``, ``"frozen"``, ``"name:key=value"``), a list of steps, or a mapping of module-name
     globs to steps (first match wins). ``example_inputs`` fixes shapes where a rule needs them,
     ``data`` feeds rules that measure statistics (``feed(model, batch)`` says how a batch is fed;
-    ``recompute_stats`` calls it ``forward``),
+    ``recompute_stats`` calls it ``forward``); a mapping from step names to data gives each step its own
+    (``data={"unfuse": source_batches, "adaptive": target_batches}``),
     ``strict=True`` raises
     :class:`~normfx.errors.RewriteError` when any targeted layer is skipped, and keyword ``options``
     fill in step options. :func:`explain` tells what this call would do.
