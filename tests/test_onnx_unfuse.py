@@ -80,14 +80,6 @@ def by_name(report) -> dict:
     return {e.name: e for e in report.entries}
 
 
-def only(report, status: str | None = None):
-    assert len(report.entries) == 1, report
-    entry = report.entries[0]
-    if status:
-        assert entry.status == status, entry
-    return entry
-
-
 def unchanged(model: onnx.ModelProto, policy="unfuse", **options):
     """An unfuse that must leave the graph as it was (every layer skipped); returns the report."""
     before = model.SerializeToString()

@@ -26,7 +26,7 @@ from . import distributed
 from .feed import describe, feed, iterate_batches, model_device
 from .moments import BatchSums, Moments, Workspace, batch_sums, merge, to_moments
 
-__all__ = ["LayerStats", "Collected", "collect_stats"]
+__all__ = ["LayerStats", "Collected", "collect_stats", "gather_collected"]
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +195,23 @@ def collect_stats(
             for name, module in layers.items():
                 module.running_mean.copy_(saved[name][0])
                 module.running_var.copy_(saved[name][1])
+    return gather_collected(stats, lambda local: [int(m.num_features) for m in layers.values()], batches,
+                            num_batches, failure)
+
+
+def gather_collected(stats: dict[str, LayerStats], channels: Callable[[list[Moments | None]], list[int]], batches: int,
+                     num_batches: int | None, failure: BaseException | None) -> Collected:
+    """End a collection pass on every rank: re-raise a failure (any rank's), fold each layer's moments, merge
+    them and the call/batch counts across ranks (``channels(local moments)`` gives each layer's channel
+    count, needed where a rank saw nothing), and check that some batch came."""
     if distributed.any_rank_failed(failure is not None):
         if failure is not None:
             raise failure
         raise RewriteError("another rank failed while collecting BN statistics; see that rank's error")
     local = [_fold(s) for s in stats.values()]
-    channels = [int(m.num_features) for m in layers.values()]
-    merged = distributed.gather_moments(local, channels)
+    merged = distributed.gather_moments(local, channels(local))
     counts = distributed.sum_across_ranks([batches] + [v for s in stats.values() for v in (s.calls, s.batches)])
-    rank, size = distributed.world()
+    _, size = distributed.world()
     total_batches = int(counts[0])
     for i, (s, moments) in enumerate(zip(stats.values(), merged)):
         s.moments = moments

@@ -40,10 +40,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..errors import InputDataError, ModelError, NormfxError, RewriteError
-from ..passes.onnx.io import batchnorm_nodes, is_batchnorm, name_batchnorm_nodes
-from . import distributed
-from .collect import _MERGE_EVERY, Collected, LayerStats, _fold, _fold_pending, _guarded
+from ..errors import InputDataError, ModelError, NormfxError
+from ..passes.onnx.io import batchnorm_nodes, is_batchnorm, name_batchnorm_nodes, opset_of
+from ..passes.onnx.io import first_line as _first_line
+from .collect import _MERGE_EVERY, Collected, LayerStats, _fold_pending, _guarded, gather_collected
 from .feed import describe, iterate_batches
 from .moments import Workspace, batch_sums
 
@@ -52,19 +52,6 @@ __all__ = ["collect_onnx_moments", "opset_of", "unsupported_reason", "graph_inpu
 log = logging.getLogger(__name__)
 
 _HALF = (TensorProto.FLOAT16, TensorProto.BFLOAT16)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    """The default-domain opset the model imports (1 when it declares none)."""
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 1
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
@@ -236,12 +223,9 @@ class _Namer:
         self.taken = _names_in(model)
 
     def __call__(self, base: str) -> str:
-        name, bump = base, 0
-        while name in self.taken:
-            bump += 1
-            name = f"{base}_{bump}"
-        self.taken.add(name)
-        return name
+        from ..passes.onnx.workspace import fresh_name
+
+        return fresh_name(self.taken, base)
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -496,23 +480,8 @@ def collect_onnx_moments(
             batches += 1
     except Exception as exc:
         failure = exc
-    if distributed.any_rank_failed(failure is not None):
-        if failure is not None:
-            raise failure
-        raise RewriteError("another rank failed while collecting BN statistics; see that rank's error")
-    local = [_fold(s) for s in stats.values()]
-    channels = [
-        prepared.channels[name] or (int(m.mean.numel()) if m is not None else 0) for name, m in zip(names, local)
-    ]
-    merged = distributed.gather_moments(local, channels)
-    counts = distributed.sum_across_ranks([batches] + [v for s in stats.values() for v in (s.calls, s.batches)])
-    _, size = distributed.world()
-    total = int(counts[0])
-    for i, (s, moments) in enumerate(zip(stats.values(), merged)):
-        s.moments = moments
-        s.calls, s.batches = int(counts[1 + 2 * i]), int(counts[2 + 2 * i])
-    if total == 0:
-        raise InputDataError("data yielded no batches: give at least one batch (check the loader, the file, num_batches)")
-    if num_batches and batches < num_batches:
-        log.warning("data ran out after %d batch(es); num_batches=%d asked for more", batches, num_batches)
-    return Collected(stats, total, size, num_batches or None)
+
+    def channels(local):
+        return [prepared.channels[name] or (int(m.mean.numel()) if m is not None else 0) for name, m in zip(names, local)]
+
+    return gather_collected(stats, channels, batches, num_batches, failure)

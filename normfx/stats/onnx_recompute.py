@@ -34,10 +34,11 @@ from onnx import helper, numpy_helper
 
 from ..errors import InputDataError, ModelError
 from ..passes.onnx.constants import EVALUATORS, evaluate, needs_only_dtype
-from ..passes.onnx.io import batchnorm_nodes, load_model_proto, name_batchnorm_nodes
+from ..passes.onnx.io import batchnorm_nodes, load_model_proto, name_batchnorm_nodes, opset_of
+from ..passes.onnx.io import first_line as _first_line
 from ..report import APPLIED, SKIPPED, Report
 from .collect import Collected
-from .onnx_collect import _attrs, _first_line, _Namer, _read_names, collect_onnx_moments, opset_of, unsupported_reason
+from .onnx_collect import _attrs, _Namer, _read_names, collect_onnx_moments, unsupported_reason
 
 __all__ = [
     "is_onnx_model",

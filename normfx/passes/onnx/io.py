@@ -31,6 +31,8 @@ __all__ = [
     "onnx_batchnorm_names",
     "name_batchnorm_nodes",
     "is_batchnorm",
+    "first_line",
+    "opset_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,9 +139,18 @@ def name_batchnorm_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports (1 when it declares none)."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
 
 
 def _validate(model: onnx.ModelProto, label: str) -> None:
@@ -174,7 +185,7 @@ def load_model_proto(model: Any) -> onnx.ModelProto:
     try:
         proto = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... for bad bytes
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise ModelError(f"{label} is not a readable ONNX model (corrupt, truncated or not ONNX): {reason}") from None
     _validate(proto, label)
     try:
@@ -182,7 +193,7 @@ def load_model_proto(model: Any) -> onnx.ModelProto:
 
         load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
     except Exception as exc:  # missing / short external data files
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise ModelError(f"{label}: cannot load its external data (keep the data files beside it): {reason}") from None
     log.debug("loaded %s (ir_version=%d)", path, proto.ir_version)
     return name_batchnorm_nodes(proto)

@@ -41,7 +41,7 @@ from ...fold import unfold_bn_params
 from ...report import APPLIED, SKIPPED
 from .chain import CHAIN_OPS
 from .edits import conv_params, optional_const, per_feature
-from .io import NodeLocation, find_nodes, name_nodes
+from .io import NodeLocation, find_nodes, name_nodes, opset_of
 from .workspace import Workspace, node_label
 
 __all__ = ["run", "NORMS", "LAYER_OPS", "layer_nodes", "name_layer_nodes"]
@@ -383,7 +383,7 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
             "the ONNX model has no Conv, ConvTranspose, Gemm or MatMul node that unfuse could put a "
             "BatchNormalization after; pass the fused model (a CNN/MLP export) you meant to unfuse"
         )
-    opset = _opset(model)
+    opset = opset_of(model)
     decisions: dict[str, tuple[str, str, dict[str, Any]]] = {}
     main: list[str] = []
     for loc in locations:
@@ -426,10 +426,3 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
     if ws is None or not ws.changed:
         return model
     return ws.export()
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 1

@@ -31,6 +31,8 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ...errors import ModelError, RewriteError
 from .constants import EVALUATORS, evaluate, needs_only_dtype
+from .io import first_line as _first_line
+from .io import opset_of as _opset
 from .shapes import ShapeInfo
 
 __all__ = ["Workspace", "quiet_gs", "node_label"]
@@ -53,16 +55,14 @@ def node_label(node: gs.Node) -> str:
     return f"{node.op} {node.name!r}" if node.name else f"{node.op} (unnamed)"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return int(imp.version)
-    return 1
+def fresh_name(taken: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken``, which then reserves it."""
+    name, bump = base, 0
+    while name in taken:
+        bump += 1
+        name = f"{base}_{bump}"
+    taken.add(name)
+    return name
 
 
 def _names_in(model: onnx.ModelProto) -> set[str]:
@@ -269,13 +269,7 @@ class Workspace:
 
     def fresh(self, base: str) -> str:
         """A name used by nothing in the model (tensors, nodes, subgraphs), reserved from now on."""
-        base = base or "normfx"
-        name, i = base, 0
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
+        return fresh_name(self._names, base or "normfx")
 
     def constant(self, base: str, value: np.ndarray) -> gs.Constant:
         """A new initializer holding ``value`` (its dtype kept), under a fresh name.
