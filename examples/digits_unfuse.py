@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits_precise_bn import SHIFT, load, net  # noqa: E402  (the same data and network)
 
 import normfx  # noqa: E402
-from normfx.io_utils import atomic_write_text  # noqa: E402
+from normfx.io_utils import atomic_path, atomic_write_text  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRETRAIN_STEPS = 300
@@ -219,14 +219,8 @@ def plot(ft: dict, path: str) -> None:
     axes[0][0].set_ylabel("training loss (mean over 10 steps)")
     axes[1][0].set_ylabel("shifted val accuracy")
     axes[1][0].legend()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
     parser.add_argument("--lrs", default=",".join(str(lr) for lr in LRS), help="comma-separated learning rates")
     args = parser.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()

@@ -73,6 +73,7 @@ register_policy(
         onnx_pass=_lazy("normfx.stats.onnx_recompute:run_precise"),
         rerun_on_export=False,
         needs_data=True,
+        recomputes_statistics=True,
         exact=False,
     )
 )
@@ -85,6 +86,7 @@ register_policy(
         onnx_pass=_lazy("normfx.stats.onnx_recompute:run_adaptive"),
         rerun_on_export=False,
         needs_data=True,
+        recomputes_statistics=True,
         exact=False,
     )
 )
@@ -105,5 +107,7 @@ register_policy(
         torch_pass=_lazy("normfx.passes.fx.unfuse:run"),
         onnx_pass=_lazy("normfx.passes.onnx.unfuse:run"),
         rerun_on_export=False,
+        uses_data=True,
+        calibrates_on_data=True,
     )
 )

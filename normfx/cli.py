@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -160,6 +161,29 @@ def _check_rewrite_out(path: str, protect: Sequence[str]) -> None:
             raise InputDataError(f"--out {path!r} is the input file {source!r}: choose another output path")
     if os.path.isdir(real):
         raise InputDataError(f"--out {path!r} is a folder; give a file name, e.g. {os.path.join(path, 'model.onnx')}")
+    ancestor = os.path.dirname(real)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise InputDataError(f"--out {path!r}: {ancestor!r} is a file, not a folder; choose another output path")
+
+
+def _external_data_files(path: str) -> list[str]:
+    """The external-data files an ONNX model file refers to (they are inputs too: never written over)."""
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # not readable here: loading the model reports it properly
+        return []
+    folder = os.path.dirname(os.path.abspath(path))
+    files = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location:
+                files.add(os.path.join(folder, location))
+    return sorted(files)
 
 
 def _data_files(specs: Sequence[str], steps: Sequence[str]) -> dict[str, str]:
@@ -169,8 +193,11 @@ def _data_files(specs: Sequence[str], steps: Sequence[str]) -> dict[str, str]:
     files: dict[str, str] = {}
     for spec in specs:
         step, eq, path = spec.partition("=")
-        if not eq or step not in steps:
+        if not eq or os.path.exists(spec) or not re.fullmatch(r"[A-Za-z_][\w-]*", step):
             step, path = "", spec
+        elif step not in steps:
+            raise InputDataError(f"--data {spec!r}: {step!r} is not a step of the policy ({', '.join(steps)}); write "
+                                 "--data STEP=FILE with one of them, or --data FILE for every step")
         if step in files:
             raise InputDataError(f"--data is given twice for {('step ' + repr(step)) if step else 'every step'}")
         files[step] = path
@@ -203,7 +230,8 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         raise PolicyError(f"policy {', '.join(needing)} needs calibration data: give --data inputs.npy|inputs.npz|module:factory")
     takes_batches = args.num_batches and any("num_batches" in s.spec.options for s in steps)
     policy = parse_policy(raw, {"num_batches": args.num_batches} if takes_batches else None)
-    protect = [p for p in (loaded.model if onnx_model else None, *data_files.values(), args.weights) if p and os.path.exists(p)]
+    inputs = [loaded.model, *_external_data_files(loaded.model)] if onnx_model else []
+    protect = [p for p in (*inputs, *data_files.values(), args.weights) if p and os.path.exists(p)]
     if args.out:
         _check_rewrite_out(args.out, protect)
     dtype = None if onnx_model else model_dtype(loaded.model)

@@ -84,7 +84,10 @@ def load_data(spec: str, *, batch_size: int = 32, dtype: torch.dtype | None = No
                 with loaded:
                     loaded = {key: loaded[key] for key in loaded.files}
         except Exception as exc:  # numpy raises ValueError/OSError/zipfile errors on bad files
-            raise InputDataError(f"cannot read data file {spec!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "pickle" in text:  # numpy's advice (allow_pickle=True) is no fix for a data file
+                text = "it is not an array of numbers (corrupt, or it holds pickled Python objects)"
+            raise InputDataError(f"cannot read data file {spec!r}: {text}; save inputs with numpy.save/savez") from None
         if isinstance(loaded, np.ndarray):
             return _as_batches(loaded, batch_size, dtype, spec)
         arrays = loaded

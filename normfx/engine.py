@@ -75,9 +75,6 @@ def _batchnorm_names(model: torch.nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if is_batchnorm(m)]
 
 
-_STATS_AFTER_UNFUSE = ("precise", "adaptive")
-
-
 def _data_per_step(data: Any, parsed: Policy, report: Report) -> Callable[[Step], Any]:
     """Which data each step gets: ``data`` itself, or — when ``data`` maps step names to data
     (``{"unfuse": source_batches, "adaptive": target_batches}``) — the step's own entry (None if absent)."""
@@ -90,19 +87,35 @@ def _data_per_step(data: Any, parsed: Policy, report: Report) -> Callable[[Step]
         if unknown:
             raise PolicyError(f"data is given for step(s) {', '.join(unknown)} that the policy {parsed} does not have; "
                               f"its steps: {', '.join(names)}")
+        idle = [s.name for s in steps if s.name in data and not s.spec.takes_data]
+        if idle:
+            raise PolicyError(f"data is given for step {idle[0]!r}, which takes no data; the steps that do: "
+                              f"{', '.join(s.name for s in steps if s.spec.takes_data) or 'none'}")
+        missing = [s.name for s in steps if s.spec.needs_data and data.get(s.name) is None]
+        if missing:
+            raise PolicyError(f"step {missing[0]!r} needs data but the per-step data has no {missing[0]!r} entry "
+                              f"(CLI: --data {missing[0]}=FILE)")
         chosen = {name: data.get(name) for name in names}
     else:
         chosen = {name: data for name in names}
-    if "unfuse" in names and data is not None:
-        later = [n for n in names[names.index("unfuse") + 1:] if n in _STATS_AFTER_UNFUSE]
-        same = [n for n in later if chosen[n] is not None and chosen[n] is chosen["unfuse"]]
-        if same:
-            note = (f"{same[0]} after unfuse on the same data recomputes the statistics unfuse just measured (up to "
-                    f"batch-to-batch noise): the model hardly changes. Calibrate unfuse on source-domain data instead: "
-                    f"data={{'unfuse': source_batches, '{same[0]}': target_batches}}")
-            log.warning(note)
-            report.note(note)
+    _warn_same_data(steps, chosen, report)
     return lambda step: chosen[step.name]
+
+
+def _warn_same_data(steps: list[Step], chosen: dict[str, Any], report: Report) -> None:
+    """A step that recomputes statistics on the very data an earlier step calibrated on changes next to nothing."""
+    for i, first in enumerate(steps):
+        if not first.spec.calibrates_on_data or chosen[first.name] is None:
+            continue
+        for later in steps[i + 1:]:
+            if later.spec.recomputes_statistics and chosen[later.name] is chosen[first.name]:
+                note = (f"{later.name} after {first.name} on the same data recomputes the statistics {first.name} just "
+                        f"measured (up to batch-to-batch noise): the model hardly changes; calibrate {first.name} on "
+                        f"source-domain data instead: data={{'{first.name}': source_batches, '{later.name}': "
+                        f"target_batches}} (CLI: --data {first.name}=SOURCE --data {later.name}=TARGET)")
+                log.warning(note)
+                report.note(note)
+                return
 
 
 def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: dict, dry_run: bool, feed: Any = None):

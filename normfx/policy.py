@@ -78,6 +78,15 @@ class PolicySpec:
     # ``normfx.export`` of a torch model runs the ONNX pass again on the exported graph, for what the torch
     # route left (fuse: BNs the exporter exposes). False when the torch pass already did the whole job.
     rerun_on_export: bool = True
+    uses_data: bool = False  # takes `data` when given (needs_data: must be given)
+    # The step fixes its new parameters so the model keeps its function on `data` (unfuse): a later step that
+    # recomputes statistics (`recomputes_statistics`) on the same data then changes next to nothing.
+    calibrates_on_data: bool = False
+    recomputes_statistics: bool = False
+
+    @property
+    def takes_data(self) -> bool:
+        return self.needs_data or self.uses_data
 
 
 _REGISTRY: dict[str, PolicySpec] = {}

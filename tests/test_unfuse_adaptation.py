@@ -132,3 +132,57 @@ def test_cli_data_per_step(tmp_path, capsys):
     both = argv[:-2] + ["--data", str(tmp_path / "target.npy")]
     assert main([str(a) for a in both]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_per_step_data_must_name_steps_that_take_data():
+    source, target = _domains("conv1d", count=1)
+    fused = normfx.rewrite(models.create("conv1d", seed=1), "fuse")
+    with pytest.raises(PolicyError, match="'fuse', which takes no data; the steps that do: unfuse, adaptive"):
+        normfx.rewrite(fused, STEPS, data={"unfuse": source, "fuse": target})
+    with pytest.raises(PolicyError, match="step 'adaptive' needs data but the per-step data has no 'adaptive' entry"):
+        normfx.rewrite(fused, STEPS, data={"unfuse": source})
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_mistakes_in_data_and_out_are_one_line(tmp_path, capsys):
+    source, _ = _domains("conv1d", count=1)
+    path = _fused_onnx(models.create("conv1d", seed=1), source[0][:2], tmp_path / "fused.onnx")
+    np.save(tmp_path / "source.npy", source[0].numpy())
+    base = ["rewrite", "--model", path, "--policy", "unfuse", "--policy", "adaptive"]
+    code, _, err = _cli(capsys, *base, "--data", f"unfuse={tmp_path / 'source.npy'}",
+                        "--data", f"adaptve={tmp_path / 'source.npy'}")
+    assert code == 2 and "'adaptve' is not a step of the policy (unfuse, adaptive)" in err and err.count("\n") == 1
+    (tmp_path / "bad.npy").write_text("not numbers")
+    code, _, err = _cli(capsys, *base, "--data", tmp_path / "bad.npy")
+    assert code == 2 and "not an array of numbers" in err and "allow_pickle" not in err
+    code, _, err = _cli(capsys, *base, "--data", tmp_path / "source.npy", "--out", tmp_path / "fused.onnx" / "x.onnx")
+    assert code == 2 and "is a file, not a folder" in err
+
+
+def test_cli_never_writes_over_the_inputs_external_data(tmp_path, capsys):
+    import onnx
+
+    source, _ = _domains("conv1d", count=1)
+    model = onnx.load(_fused_onnx(models.create("conv1d", seed=1), source[0][:2], tmp_path / "plain.onnx"))
+    onnx.save(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0)
+    before = (tmp_path / "ext.data").read_bytes()
+    np.save(tmp_path / "source.npy", source[0].numpy())
+    code, _, err = _cli(capsys, "rewrite", "--model", tmp_path / "ext.onnx", "--policy", "unfuse",
+                        "--data", tmp_path / "source.npy", "--out", tmp_path / "ext.data")
+    assert code == 2 and "is the input file" in err
+    assert (tmp_path / "ext.data").read_bytes() == before
+
+
+def test_diagnose_plot_has_the_usual_file_mode(tmp_path):
+    import os
+
+    model = models.create("conv1d", seed=1)
+    normfx.diagnose_ema(model, _domains("conv1d", count=1)[0], plot=tmp_path / "drift.png", progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "drift.png").st_mode & 0o777 == 0o666 & ~umask

@@ -28,6 +28,11 @@ def _noise_floor(model: nn.Module, x: torch.Tensor) -> float:
     return rel_error(y64, y32)
 
 
+def _float64_run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return copy.deepcopy(model).double()(x.double())
+
+
 def _bn_count(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if is_batchnorm(m))
 
@@ -44,8 +49,8 @@ def test_fuse_unfuse_fuse_round_trip_on_the_zoo(name):
     assert _bn_count(unfused) - _bn_count(fused) == len(report.applied) >= 1
     assert all(e.details["statistics"].startswith("data") for e in report.applied)
     tolerance = max(1e-5, 2 * _noise_floor(fused, x))
+    reference = _float64_run(fused, x)  # judged against the fused model's float64 run
     with torch.no_grad():
-        reference = fused(x)
         assert rel_error(reference, unfused.eval()(x)) <= tolerance
         refused = normfx.rewrite(unfused, "fuse", example_inputs=x)
         assert rel_error(reference, refused(x)) <= tolerance
@@ -104,26 +109,63 @@ def test_without_data_identity_statistics_and_a_warning(caplog):
 
 
 def test_layers_already_followed_by_a_norm_are_skipped_with_that_reason():
-    model = models.create("resnet18")  # not fused: every conv is followed by its BN
-    report = normfx.explain(model, "unfuse")
-    conv1 = next(e for e in report.entries if e.name == "conv1")
-    assert conv1.status == "skipped" and "already followed by BatchNorm2d 'bn1'" in conv1.reason
+    model = models.create("resnet18")
+    partly = normfx.rewrite(model, {"layer1.*": "keep", "*": "fuse"})  # layer1 keeps its BNs
+    report = normfx.explain(partly, "unfuse")
+    conv = next(e for e in report.entries if e.name == "layer1.0.conv1")
+    assert conv.status == "skipped" and "already followed by BatchNorm2d 'layer1.0.bn1'" in conv.reason
+    assert report.applied_to("layer2.0.conv1")
     with pytest.raises(normfx.errors.RewriteError, match="skipped"):
-        normfx.rewrite(model, "unfuse", strict=True)
+        normfx.rewrite(partly, "unfuse", strict=True)
 
-    class GroupNormed(nn.Module):
+    class Normalized(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv, self.gn, self.conv2 = nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.Conv2d(8, 4, 1)
-            self.ln = nn.LayerNorm(4)
+            self.fc = nn.Linear(4, 2)
 
         def forward(self, x):
-            return self.conv2(self.gn(self.conv(x))).mean((2, 3)) + torch.nn.functional.layer_norm(
-                self.conv2(x[:, :0].new_zeros(x.shape[0], 8, 2, 2)).mean((2, 3)), (4,))
+            y = torch.nn.functional.layer_norm(self.conv2(torch.relu(self.gn(self.conv(x)))), (4, 6, 6))
+            return self.fc(y.mean((2, 3)))
 
-    report = normfx.explain(GroupNormed(), "unfuse:classifier=true")
+    report = normfx.explain(Normalized(), "unfuse:classifier=true", example_inputs=torch.randn(2, 3, 8, 8))
     reasons = {e.name: e.reason for e in report.entries}
-    assert "GroupNorm 'gn'" in reasons["conv"]
+    assert "GroupNorm 'gn'" in reasons["conv"] and "layer_norm()" in reasons["conv2"]
+    assert report.applied_to("fc")
+
+
+def test_a_model_with_nothing_to_unfuse_is_a_clear_error():
+    model = models.create("resnet18")  # not fused: every conv is followed by its BN
+    with pytest.raises(ModelError, match=r"no layer to unfuse \(20 already followed by a normalization, 1 producing "
+                                         r"the model output\)") as info:
+        normfx.rewrite(model, "unfuse")
+    assert "\n" not in str(info.value)
+    report = normfx.explain(model, "unfuse")  # explain reports every layer, and what rewrite would say
+    assert len(report.skipped) == 21 and any("rewrite would refuse" in n for n in report.notes)
+    with pytest.raises(ModelError, match="no layer to unfuse"):
+        normfx.rewrite(model, "unfuse", data=_batches("resnet18", count=1))
+    # excluding every layer with an override is no error: nothing was asked
+    fused = normfx.rewrite(model, "fuse")
+    assert not normfx.explain(fused, {"*": "keep"}).applied
+
+
+def test_the_classifier_is_the_head_not_the_residual_stream():
+    fused = normfx.rewrite(models.create("resnet18"), "fuse")
+    fused.fc = nn.Identity()  # a backbone returning features: every conv feeds the output through residual adds
+    report = normfx.explain(fused, "unfuse")
+    assert not report.skipped and report.applied_to("layer4.1.conv2") and report.applied_to("layer4.0.downsample.0")
+
+    class Two(nn.Module):  # (logits, features)
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+        def forward(self, x):
+            features = torch.relu(self.conv(x)).mean((2, 3))
+            return self.fc(features), features
+
+    reasons = {e.name: e.reason for e in normfx.explain(Two(), "unfuse").entries}
+    assert "classifier" in reasons["fc"] and "classifier" in reasons["conv"]  # conv's output is an output too
 
 
 def test_classifier_is_left_unless_asked_and_overrides_choose_layers():
@@ -160,8 +202,12 @@ def test_bad_options_and_inputs_are_one_clear_line():
     fused = normfx.rewrite(models.create("conv1d"), "fuse")
     with pytest.raises(PolicyError, match="batchnorm, frozen, sync"):
         normfx.rewrite(fused, "unfuse:norm=groupnorm")
-    with pytest.raises(PolicyError, match="eps must be > 0"):
-        normfx.rewrite(fused, "unfuse:eps=0")
+    for bad in ("eps=0", "eps=inf", "eps=nan"):
+        with pytest.raises(PolicyError, match="eps must be a finite number > 0"):
+            normfx.rewrite(fused, f"unfuse:{bad}")
+    for bad in ("momentum=1.5", "momentum=-0.1"):
+        with pytest.raises(PolicyError, match=r"momentum must be in \[0, 1\]"):
+            normfx.rewrite(fused, f"unfuse:{bad}")
     with pytest.raises(ModelError, match="no Conv/ConvTranspose/Linear"):
         normfx.rewrite(nn.Sequential(nn.ReLU(), nn.Tanh()), "unfuse")
     wrong = [torch.randn(4, 5, 64)]  # conv1d wants 3 channels
@@ -206,6 +252,46 @@ def test_one_shot_generator_data_and_a_custom_feed():
 
     normfx.rewrite(fused, "unfuse", data=[{"x": b} for b in batches], feed=feed)
     assert calls[-3:] == [16, 16, 16]
+
+
+@pytest.mark.parametrize("name", ["conv1d", "unet", "mlp"])
+def test_one_shot_generators_on_conv_models(name):
+    x = models.example_input(name, batch=8)
+    fused = normfx.rewrite(models.create(name, seed=5), "fuse", example_inputs=x)
+    batches = _batches(name, count=3)
+    from_list, report = normfx.rewrite_with_report(fused, "unfuse", data=batches)
+    from_generator, report_g = normfx.rewrite_with_report(fused, "unfuse", data=(b for b in batches))
+    assert report_g.metrics == report.metrics
+    for (key, a), (_, b) in zip(from_list.state_dict().items(), from_generator.state_dict().items()):
+        assert torch.equal(a, b), key
+
+
+def test_explain_does_not_eat_a_generator():
+    fused = normfx.rewrite(models.create("mlp", seed=5), "fuse", example_inputs=models.example_input("mlp", batch=4))
+    generator = iter(_batches("mlp", count=3))
+    report = normfx.explain(fused, "unfuse", data=generator)
+    assert len(list(generator)) == 3
+    assert all("one-shot iterator" in e.reason for e in report.skipped if e.name in ("fc1", "fc2"))
+
+
+def test_batches_of_one_sample_are_enough_to_measure():
+    x = models.example_input("mlp", batch=4)
+    fused = normfx.rewrite(models.create("mlp", seed=5), "fuse", example_inputs=x)
+    singles = list(torch.split(models.example_input("mlp", batch=12, seed=3), 1))
+    unfused, report = normfx.rewrite_with_report(fused, "unfuse", data=singles)
+    assert len(report.applied) == 2 and all(e.details["statistics"] == "data" for e in report.applied)
+    with torch.no_grad():
+        z = torch.cat(singles) @ unfused.fc1.weight.T
+    assert rel_error(z.double().var(0), unfused.fc1_bn.running_var) <= 1e-6
+    one, report = normfx.rewrite_with_report(fused, "unfuse", data=singles[:1])  # one value: no variance
+    assert all(e.details["statistics"] == "identity" for e in report.applied)
+    assert all("a variance needs 2" in e.reason for e in report.applied)
+
+
+def test_frozen_layers_get_frozen_batchnorms():
+    fused = normfx.rewrite(models.create("conv1d"), "fuse").requires_grad_(False)
+    unfused = normfx.rewrite(fused, "unfuse", data=_batches("conv1d", count=1))
+    assert not any(p.requires_grad for p in unfused.parameters())
 
 
 def test_fine_tuning_sees_bn_parameters():

@@ -26,11 +26,11 @@ from . import distributed
 from .feed import describe, feed, iterate_batches, model_device
 from .moments import BatchSums, Moments, Workspace, batch_sums, merge, to_moments
 
-__all__ = ["LayerStats", "Collected", "collect_stats", "gather_collected"]
+__all__ = ["LayerStats", "Collected", "collect_stats", "gather_collected", "guarded", "fold_pending", "MERGE_EVERY"]
 
 log = logging.getLogger(__name__)
 
-_MERGE_EVERY = 256  # per-call moments kept before folding them into one (bounds memory)
+MERGE_EVERY = 256  # per-call moments kept before folding them into one (bounds memory)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class _Hook:
                 f"but got an input of shape {tuple(x.shape)}"
             )
         per_channel = x.numel() // x.shape[1]
-        if per_channel < 2:
+        if per_channel < 2 and self.batch_statistics:  # only measuring: the moments add up across batches
             raise InputDataError(
                 f"layer {s.name!r} ({type(module).__name__}) gets {per_channel} value per channel "
                 f"(input shape {tuple(x.shape)}): a batch variance needs at least 2; use batches of 2 or more samples"
@@ -96,27 +96,27 @@ class _Hook:
         # depends on this batch alone: the same bits on any rank, in any order
         sums, mean, var = batch_sums(x, self.workspace)
         s._pending.append(sums)
-        if len(s._pending) >= _MERGE_EVERY:
-            _fold_pending(s)
+        if len(s._pending) >= MERGE_EVERY:
+            fold_pending(s)
         if self.batch_statistics:  # normalize this call with the batch statistics, as BatchNorm does in training
             module.running_mean.copy_(mean)
             module.running_var.copy_(var)
 
 
-def _fold_pending(stats: LayerStats) -> None:
+def fold_pending(stats: LayerStats) -> None:
     merged = merge(stats._parts + to_moments(stats._pending))
     stats._parts = [merged] if merged is not None else []
     stats._pending = []
 
 
 def _fold(stats: LayerStats) -> Moments | None:
-    _fold_pending(stats)
+    fold_pending(stats)
     merged = stats._parts[0] if stats._parts else None
     stats._parts = []
     return merged
 
 
-def _guarded(batches: Any) -> Any:
+def guarded(batches: Any) -> Any:
     """The batches of ``batches``, turning an error raised by the user's data iterator into
     :class:`InputDataError` naming the batch it was producing."""
     iterator, index = iter(batches), 0
@@ -171,7 +171,7 @@ def collect_stats(
     try:
         model.eval()
         with torch.no_grad():
-            for index, batch in _guarded(iterate_batches(data, num_batches, progress=progress, desc=desc)):
+            for index, batch in guarded(iterate_batches(data, num_batches, progress=progress, desc=desc)):
                 state["batch"] = index
                 try:
                     feed(model, batch, forward, device)
@@ -221,3 +221,7 @@ def gather_collected(stats: dict[str, LayerStats], channels: Callable[[list[Mome
     if num_batches and batches < num_batches:
         log.warning("data ran out after %d batch(es); num_batches=%d asked for more", batches, num_batches)
     return Collected(stats, total_batches, size, num_batches or None)
+
+
+# the names other modules used before they were public (kept while callers move over)
+_MERGE_EVERY, _fold_pending, _guarded = MERGE_EVERY, fold_pending, guarded

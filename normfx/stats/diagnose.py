@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..io_utils import atomic_path
 from ..report import Report
 from .collect import Collected, collect_stats
 from .recompute import apply_stats, check_mode, select_layers, unwrap_parallel
@@ -136,17 +136,8 @@ class EMADiagnosis:
         ax2.set_xticks(x)
         ax2.set_xticklabels([r.layer for r in self.rows], rotation=60, ha="right", fontsize=7)
         path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        suffix = os.path.splitext(path)[1] or ".png"
-        fd, tmp = tempfile.mkstemp(prefix=".normfx-plot-", suffix=suffix, dir=directory)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=120)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp:  # the file mode a plain open() gives, never a partial figure
+            fig.savefig(tmp, dpi=120, format=(os.path.splitext(path)[1][1:] or "png").lower())
         return path
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import InputDataError
 
-__all__ = ["iterate_batches", "feed", "describe", "model_device", "progress_enabled"]
+__all__ = ["iterate_batches", "check_data", "Replayable", "feed", "describe", "model_device", "progress_enabled"]
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def progress_enabled(progress: bool) -> bool:
     return True
 
 
-def iterate_batches(data: Any, num_batches: int | None, *, progress: bool, desc: str) -> Iterator[tuple[int, Any]]:
-    """``(index, batch)`` for the first ``num_batches`` batches of ``data`` (all when ``None``/0)."""
+def check_data(data: Any) -> None:
+    """Refuse what is not an iterable of batches (None, one array, one dict, a string), with the fix."""
     if data is None:
         raise InputDataError("no data given: pass data= an iterable of batches (a DataLoader, a list of tensors, ...)")
     if isinstance(data, torch.Tensor) or (type(data).__module__ == "numpy" and hasattr(data, "shape")):
@@ -100,6 +100,11 @@ def iterate_batches(data: Any, num_batches: int | None, *, progress: bool, desc:
         raise InputDataError("data is a single dict: pass an iterable of batches, e.g. [batch_dict]")
     if isinstance(data, (str, bytes)):
         raise InputDataError(f"data is a string ({data!r}): pass an iterable of batches; the CLI loads files")
+
+
+def iterate_batches(data: Any, num_batches: int | None, *, progress: bool, desc: str) -> Iterator[tuple[int, Any]]:
+    """``(index, batch)`` for the first ``num_batches`` batches of ``data`` (all when ``None``/0)."""
+    check_data(data)
     if num_batches is not None and num_batches < 0:
         raise InputDataError(f"num_batches must be >= 0 (0 or None = all batches), got {num_batches}")
     try:
@@ -124,3 +129,53 @@ def iterate_batches(data: Any, num_batches: int | None, *, progress: bool, desc:
 
         batches = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
     yield from enumerate(batches)
+
+
+class Replayable:
+    """``data`` whose first batch stays available: :meth:`first` peeks at it without losing it, and iterating
+    remembers it as it goes by, so a one-shot iterator (a generator) can be measured and then still give its
+    first batch (a re-iterable — list, DataLoader — is simply iterated again)."""
+
+    def __init__(self, data: Any) -> None:
+        check_data(data)
+        self._data = data
+        self._rest: Iterator[Any] | None = None  # a one-shot iterator after first() took its first batch
+        self._first: list[Any] = []
+
+    @property
+    def one_shot(self) -> bool:
+        """True when iterating the data consumes it (an iterator, e.g. a generator)."""
+        return isinstance(self._data, Iterator)
+
+    def first(self) -> Any:
+        """The first batch (iterating the data once, if nothing has yet)."""
+        if not self._first:
+            try:
+                iterator = iter(self._data)
+            except TypeError:
+                raise InputDataError(f"data of type {type(self._data).__name__} is not iterable: pass an iterable of "
+                                     "batches") from None
+            try:
+                self._first.append(next(iterator))
+            except StopIteration:
+                raise InputDataError("data yielded no batches: give at least one batch") from None
+            except InputDataError:
+                raise
+            except Exception as exc:  # the user's loader / generator failed
+                raise InputDataError(f"the data raised {type(exc).__name__} while producing batch 0: {exc}") from exc
+            self._rest = iterator if self.one_shot else None
+        return self._first[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._rest is not None:  # a one-shot iterator whose first batch was taken: give it back first
+            rest, self._rest = self._rest, None
+            yield self._first[0]
+            yield from rest
+            return
+        for index, batch in enumerate(self._data):
+            if index == 0 and not self._first:
+                self._first.append(batch)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self._data)

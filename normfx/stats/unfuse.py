@@ -15,59 +15,24 @@ function.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..errors import InputDataError
 from ..fold import unfold_bn_params
+from ..passes.unfuse_options import train_mode_note
 from .collect import collect_stats
-from .feed import feed, iterate_batches, model_device
+from .feed import Replayable, feed, model_device
 
-__all__ = ["Replayable", "calibrate", "train_mode_deviation"]
+__all__ = ["calibrate", "train_mode_deviation", "shape_runner"]
 
 log = logging.getLogger(__name__)
 
 
-class Replayable:
-    """``data`` whose first batch can be looked at without losing it: a one-shot iterator (a generator)
-    replays the batch it gave up; a re-iterable (list, DataLoader) is simply iterated again."""
-
-    def __init__(self, data: Any) -> None:
-        self._data = data
-        self._rest: Iterator[tuple[int, Any]] | None = None
-        self._first: list[Any] = []
-
-    def first(self) -> Any:
-        if not self._first:
-            self._rest = iterate_batches(self._data, None, progress=False, desc="")
-            try:
-                self._first.append(next(self._rest)[1])
-            except StopIteration:
-                raise InputDataError("data yielded no batches: give at least one batch") from None
-        return self._first[0]
-
-    @property
-    def _one_shot(self) -> bool:
-        try:
-            return iter(self._data) is self._data
-        except TypeError:
-            return False
-
-    def __iter__(self) -> Iterator[Any]:
-        if self._first and self._one_shot:
-            yield self._first[0]
-            yield from (batch for _, batch in self._rest)
-        else:
-            yield from self._data
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def runner(self, forward: Callable | None) -> Callable[[nn.Module], Any]:
-        """``run(model)``: one forward on the first batch (to record layer input shapes)."""
-        return lambda model: feed(model, self.first(), forward, model_device(model))
+def shape_runner(data: Replayable, forward: Callable | None) -> Callable[[nn.Module], Any]:
+    """``run(model)``: one forward on the first batch of ``data`` (to record layer input shapes)."""
+    return lambda model: feed(model, data.first(), forward, model_device(model))
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -105,26 +70,29 @@ def train_mode_deviation(model: nn.Module, bns: dict[str, nn.Module], batch: Any
     return worst
 
 
-def calibrate(model: nn.Module, inserted: list, data: Replayable | None, ctx: Any) -> dict[str, str]:
-    """Measure and set the statistics of the inserted BNs; returns ``{bn name: "data" | "identity ..."}``.
+def calibrate(model: nn.Module, inserted: list, data: Replayable | None, ctx: Any, options: Any) -> dict[str, tuple[str, str]]:
+    """Measure and set the statistics of the inserted BNs; returns ``{bn name: (source, words)}`` with
+    source ``"data"`` or ``"identity"`` and the words the report says about it.
 
     ``inserted`` items have ``bn_name``, ``layer`` (a LayerInfo) and ``bias`` (the layer's old bias).
     Without data (or in ``explain``) the identity statistics stay.
     """
     bns = {item.bn_name: model.get_submodule(item.bn_name) for item in inserted}
     if data is None:
-        return {name: "identity" for name in bns}
+        return {name: ("identity", "identity statistics: no data") for name in bns}
     if ctx.dry_run:
-        return {name: "would measure on data" for name in bns}
-    num_batches = ctx.option("num_batches") or None
-    collected = collect_stats(model, data, bns, num_batches=num_batches, forward=ctx.feed, progress=True,
+        return {name: ("data", "statistics to be measured on the data") for name in bns}
+    collected = collect_stats(model, data, bns, num_batches=options.num_batches, forward=ctx.feed, progress=True,
                               desc="unfuse statistics", batch_statistics=False)
-    sources: dict[str, str] = {}
+    sources: dict[str, tuple[str, str]] = {}
     for item in inserted:
         bn, stats = bns[item.bn_name], collected.layers[item.bn_name]
-        if not stats.reached:
-            sources[item.bn_name] = f"identity: never reached by the data in {collected.batches} batch(es)"
-            log.warning("%s: %s", item.bn_name, sources[item.bn_name])
+        count = int(stats.moments.count) if stats.reached else 0
+        if count < 2:
+            why = (f"never reached by the data in {collected.batches} batch(es)" if not count else
+                   "the data gave 1 value per channel; a variance needs 2")
+            sources[item.bn_name] = ("identity", f"identity statistics: {why}")
+            log.warning("%s: %s", item.bn_name, why)
             continue
         _, params = unfold_bn_params(item.layer.module.weight.detach(), item.bias, kind=item.layer.kind,
                                      groups=item.layer.groups, channel_mean=stats.moments.mean,
@@ -133,10 +101,16 @@ def calibrate(model: nn.Module, inserted: list, data: Replayable | None, ctx: An
             for key, value in params.items():
                 getattr(bn, key).copy_(value)
             bn.num_batches_tracked.fill_(stats.calls)
-        sources[item.bn_name] = f"data: {int(stats.moments.count)} values per channel"
-    if ctx.option("norm") != "frozen":
-        deviation = train_mode_deviation(model, bns, data.first(), ctx.feed)
-        ctx.report.note(f"train mode vs eval on the first batch of data (inserted BNs on batch statistics): "
-                        f"max rel error {deviation:.3g}")
-        ctx.report.metrics["unfuse_train_mode_rel_error"] = deviation
+        sources[item.bn_name] = ("data", f"statistics measured on the data: {count} values per channel")
+    if options.norm != "frozen":
+        try:
+            deviation = train_mode_deviation(model, bns, data.first(), ctx.feed)
+        except ValueError as exc:  # BatchNorm refuses train mode on one value per channel
+            if "value per channel" not in str(exc):
+                raise
+            ctx.report.note("train-mode deviation not measured: the first batch gives one value per channel, on which "
+                            "BatchNorm cannot run in train mode")
+        else:
+            ctx.report.note(train_mode_note(deviation))
+            ctx.report.metrics["unfuse_train_mode_rel_error"] = deviation
     return sources

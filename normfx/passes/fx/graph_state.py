@@ -46,7 +46,7 @@ class GraphState:
             self._calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
         return self._calls[target]
 
-    def _sharing(self, node: fx.Node) -> str:
+    def sharing(self, node: fx.Node) -> str:
         """How ``node``'s module is used elsewhere ("" when this call is its only use)."""
         count = self.calls(node.target)
         module = self.gm.get_submodule(node.target)
@@ -60,7 +60,7 @@ class GraphState:
 
     def shared_reason(self, node: fx.Node) -> str:
         """Why ``node``'s module cannot be edited for this call ("" when it can, possibly as a copy)."""
-        sharing = self._sharing(node)
+        sharing = self.sharing(node)
         if sharing and not self.duplicate_shared:
             return f"{sharing}; folding into it would change its other uses (duplicate_shared=false)"
         return ""
@@ -68,7 +68,7 @@ class GraphState:
     def own_module(self, node: fx.Node) -> tuple[nn.Module, str]:
         """The module ``node`` calls, made private to this call when it is used elsewhere (a copy under a
         new name). Returns the module and a note for the report ("" when nothing was duplicated)."""
-        sharing = self._sharing(node)
+        sharing = self.sharing(node)
         module = self.gm.get_submodule(node.target)
         if not sharing:
             editable = self.ownership.editable(module) if self.ownership else module

@@ -13,7 +13,10 @@ Finally the BNs become the class ``norm`` asks for (``frozen``: FrozenBatchNorm,
 Skipped with a reason: a layer whose output already feeds a normalization, a layer called more than
 once (each call would need its own BN while the bias is shared), a Linear whose input is not proven
 2-D (BN normalizes axis 1), and — unless ``classifier=true`` — the layers whose output reaches the
-model's output through parameter-free operations only (the classifier / prediction head).
+model's output through single-input, parameter-free operations only (flatten, pooling, activations,
+softmax: the classifier / prediction head; a residual addition or a concatenation is no such path).
+A rewrite that would unfuse nothing although layers were targeted (all already normalized, the classifier,
+...) is a :class:`ModelError` (``explain`` says so in a note): it is not the fused model the user meant.
 """
 
 from __future__ import annotations
@@ -25,28 +28,26 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ...errors import ModelError, PolicyError
+from ...errors import ModelError
 from ...fold import unfold_bn_params
 from ...layers import is_batchnorm
 from ...report import APPLIED, SKIPPED
+from ..unfuse_options import CLASSIFIER_REASON, NO_DATA_NOTE, UnfuseOptions, unfuse_options
 from .frozen import freeze_module
 from .graph_state import GraphState, set_parameters
 from .patterns import LayerInfo, describe_node, layer_info
 from .shapes import ShapeRecorder
 from .tracing import TracedPart, rewrite_traceable_parts
 
-__all__ = ["run", "NORMS"]
+__all__ = ["run"]
 
 log = logging.getLogger(__name__)
-
-NORMS = ("batchnorm", "frozen", "sync")
 
 _NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
                  nn.LocalResponseNorm)
 _NORM_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
 _BN_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_NO_DATA_NOTE = ("unfuse without data: the inserted BatchNorms have identity statistics (exact in eval mode), but in "
-                 "train mode they normalize with batch statistics, a different function; pass data= to measure them")
+_ALREADY = "already followed by"
 
 
 @dataclass
@@ -69,8 +70,14 @@ def _normalization_user(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _tensor_inputs(node: fx.Node) -> int:
+    return len([a for a in node.all_input_nodes if a.op != "get_attr"])
+
+
 def _reaches_output(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Does ``node``'s value reach the graph output through parameter-free operations only?"""
+    """Does ``node``'s value reach the graph output through single-input, parameter-free operations only
+    (flatten, pooling, activations, softmax, dropout)? A node merging two computed tensors (a residual add,
+    a concatenation) or a module with parameters of its own ends the path."""
     stack, seen = list(node.users), set()
     while stack:
         user = stack.pop()
@@ -81,6 +88,8 @@ def _reaches_output(gm: fx.GraphModule, node: fx.Node) -> bool:
             return True
         if user.op == "call_module" and any(True for _ in gm.get_submodule(user.target).parameters()):
             continue  # a layer with parameters of its own takes over
+        if _tensor_inputs(user) != 1:
+            continue  # a merge of several computed tensors: the layer is not the head
         stack.extend(user.users)
     return False
 
@@ -94,33 +103,38 @@ def _out_channels(layer: LayerInfo) -> int:
     return weight.shape[1] * layer.groups if layer.kind == "conv_transpose" else weight.shape[0]
 
 
-def _skip_reason(state: GraphState, node: fx.Node, layer: LayerInfo, classifier: bool) -> str:
+def _skip_reason(state: GraphState, node: fx.Node, layer: LayerInfo, classifier: bool, unpeeked: bool) -> str:
     gm = state.gm
     norm = _normalization_user(gm, node)
     if norm is not None:
-        return f"already followed by {describe_node(gm, norm)}: nothing to unfuse"
-    sharing = state._sharing(node)
+        return f"{_ALREADY} {describe_node(gm, norm)}: nothing to unfuse"
+    sharing = state.sharing(node)
     if sharing:
         return f"{sharing}: each call would need its own BatchNorm while the layer's bias is shared"
     if not classifier and state.part.prefix == "" and _reaches_output(gm, node):
-        return "produces the model output (the classifier): left as it is; unfuse:classifier=true unfuses it too"
+        return CLASSIFIER_REASON
     if layer.kind == "linear":
         reason = state.linear_rank_reason(layer.module, str(node.target))
         if reason:
-            return reason.replace("a BN folds into it", "a BN can follow it").replace("example_inputs", "example_inputs or data")
+            reason = reason.replace("a BN folds into it", "a BN can follow it").replace("example_inputs", "example_inputs or data")
+            if unpeeked:
+                reason += " (explain takes no batch from a one-shot iterator: pass example_inputs or a list)"
+            return reason
     return ""
 
 
-def _insert(state: GraphState, node: fx.Node, layer: LayerInfo, eps: float, momentum: float) -> tuple[str, torch.Tensor | None]:
+def _insert(state: GraphState, node: fx.Node, layer: LayerInfo, options: UnfuseOptions) -> tuple[str, torch.Tensor | None]:
     """``layer(x) + b`` → ``BN(layer_nobias(x))`` with identity statistics; returns the BN's graph name and ``b``."""
     module = layer.module
     weight = module.weight.detach()
     bias = None if module.bias is None else module.bias.detach().clone()
     channels = _out_channels(layer)
-    bn = _BN_CLASSES[_spatial_dims(layer)](channels, eps=eps, momentum=momentum, device=weight.device, dtype=weight.dtype)
-    _, params = unfold_bn_params(weight, bias, kind=layer.kind, groups=layer.groups, eps=eps)
-    _load_bn(bn, params)
+    bn = _BN_CLASSES[_spatial_dims(layer)](channels, eps=options.eps, momentum=options.momentum, device=weight.device,
+                                           dtype=weight.dtype)
+    _, params = unfold_bn_params(weight, bias, kind=layer.kind, groups=layer.groups, eps=options.eps)
+    load_bn(bn, params)
     bn.train(module.training)
+    bn.requires_grad_(module.weight.requires_grad)  # a frozen layer gets a frozen BN
     set_parameters(module, module.weight, None)
     name = state.fresh_name(f"{node.target}_bn")
     state.gm.add_submodule(name, bn)
@@ -130,7 +144,8 @@ def _insert(state: GraphState, node: fx.Node, layer: LayerInfo, eps: float, mome
     return name, bias
 
 
-def _load_bn(bn: nn.Module, params: dict[str, torch.Tensor]) -> None:
+def load_bn(bn: nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Copy ``unfold_bn_params``'s weight/bias/running_mean/running_var into ``bn``'s tensors."""
     with torch.no_grad():
         for key, value in params.items():
             getattr(bn, key).copy_(value)
@@ -154,21 +169,20 @@ def _convert(model: nn.Module, name: str, norm: str) -> str:
 
 
 def run(model: nn.Module, ctx) -> nn.Module:
-    norm = str(ctx.option("norm")).lower()
-    if norm not in NORMS:
-        raise PolicyError(f"policy 'unfuse': norm={ctx.option('norm')!r} is not one of {', '.join(NORMS)}")
-    eps, momentum, classifier = float(ctx.option("eps")), float(ctx.option("momentum")), bool(ctx.option("classifier"))
-    if not eps > 0:
-        raise PolicyError(f"policy 'unfuse': eps must be > 0, got {eps}")
-    from ...stats.unfuse import Replayable, calibrate
+    options = unfuse_options(ctx)
+    from ...stats.feed import Replayable
+    from ...stats.unfuse import calibrate, shape_runner
 
     data = Replayable(ctx.data) if ctx.data is not None else None
-    runner = data.runner(ctx.feed) if data is not None and ctx.example_inputs is None else None
+    # shapes from the first batch; not in explain for a one-shot iterator (explain must not eat the caller's data)
+    peek = data is not None and ctx.example_inputs is None and not (ctx.dry_run and data.one_shot)
+    runner = shape_runner(data, ctx.feed) if peek else None
     shapes = ShapeRecorder(model, ctx.example_inputs, runner=runner)
     inserted: list[Inserted] = []
     untraceable: list[str] = []
     layer_names = [n for n, m in model.named_modules() if layer_info(m) is not None]
     handled: set[str] = set()
+    skipped: list[str] = []
     found = 0
 
     def rewrite_graph(part: TracedPart) -> fx.GraphModule:
@@ -183,11 +197,12 @@ def run(model: nn.Module, ctx) -> nn.Module:
             handled.add(name)
             if not ctx.targets(name):
                 continue
-            reason = _skip_reason(state, node, layer, classifier)
+            reason = _skip_reason(state, node, layer, options.classifier, unpeeked=data is not None and not peek)
             if reason:
                 ctx.report.add(name, ctx.rule, SKIPPED, reason)
+                skipped.append(reason)
                 continue
-            bn_name, bias = _insert(state, node, layer, eps, momentum)
+            bn_name, bias = _insert(state, node, layer, options)
             inserted.append(Inserted(name, part.qualified(bn_name), layer, bias))
         state.gm.graph.lint()
         state.gm.recompile()
@@ -207,14 +222,29 @@ def run(model: nn.Module, ctx) -> nn.Module:
             "check that this is the fused model you meant"
         )
     if not inserted:
+        if skipped and ctx.dry_run:
+            ctx.report.note(f"rewrite would refuse: {_nothing_to_unfuse(type(model).__name__, skipped)}")
+        elif skipped:
+            raise ModelError(_nothing_to_unfuse(type(model).__name__, skipped))
         return result
-    sources = calibrate(result, inserted, data, ctx)
+    sources = calibrate(result, inserted, data, ctx, options)
     for item in inserted:
-        kind = _convert(result, item.bn_name, norm)
-        ctx.report.add(item.layer_name, ctx.rule, APPLIED, f"{kind} '{item.bn_name}' inserted after it "
-                       f"({sources[item.bn_name]} statistics)", bn=item.bn_name, norm=kind,
-                       statistics=sources[item.bn_name])
+        kind = _convert(result, item.bn_name, options.norm)
+        source, words = sources[item.bn_name]
+        ctx.report.add(item.layer_name, ctx.rule, APPLIED, f"{kind} '{item.bn_name}' inserted after it ({words})",
+                       bn=item.bn_name, norm=kind, statistics=source)
     if ctx.data is None:
-        log.warning(_NO_DATA_NOTE)
-        ctx.report.note(_NO_DATA_NOTE)
+        log.warning(NO_DATA_NOTE)
+        ctx.report.note(NO_DATA_NOTE)
     return result
+
+
+def _nothing_to_unfuse(model: str, reasons: list[str]) -> str:
+    already = sum(r.startswith(_ALREADY) for r in reasons)
+    head = sum(r == CLASSIFIER_REASON for r in reasons)
+    other = len(reasons) - already - head
+    parts = [f"{already} already followed by a normalization"] if already else []
+    parts += [f"{head} producing the model output"] if head else []
+    parts += [f"{other} for other reasons (see explain)"] if other else []
+    return (f"{model}: no layer to unfuse ({', '.join(parts)}); unfuse is for a fused model whose BatchNorms were "
+            "folded into its layers")
