@@ -259,6 +259,34 @@ def test_batch_statistics_decomposition_against_float64(opset, ir_version):
         assert rel(ref_eval[name][1], s.moments.var_unbiased.numpy()) <= 1e-6
 
 
+def test_measuring_only_adds_up_batches_of_one_sample():
+    """Measuring only (batch_statistics=False, what unfuse does) counts add up across batches: a batch of
+    one sample is fine even where a BN on (N, C) gets one value per channel; on batch statistics it is an error."""
+    rng = np.random.default_rng(7)
+    stats = {"scale": rng.uniform(0.5, 1.5, 3), "B": rng.normal(0, 1, 3), "mean": rng.normal(0, 1, 3),
+             "var": rng.uniform(0.5, 2, 3)}
+    graph = helper.make_graph(
+        [helper.make_node(BN, ["x"] + [f"bn.{k}" for k in stats], ["y"], name="bn")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(v.astype(np.float32), f"bn.{k}") for k, v in stats.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    data = [rng.normal(1.0, 2.0, (1, 3)).astype(np.float32) for _ in range(4)]
+    seen = []
+    measured = collect_onnx_moments(model, iter(data), ["bn"], batch_statistics=False, progress=False,
+                                    on_batch=lambda i, feed, inputs: seen.append((i, feed["x"].shape, inputs["bn"].shape)))
+    moments = measured.layers["bn"].moments
+    flat = np.concatenate(data).astype(np.float64)
+    assert moments.count == 4 and measured.batches == 4
+    assert rel(flat.mean(0), moments.mean.numpy()) <= 1e-6 and rel(flat.var(0, ddof=1), moments.var_unbiased.numpy()) <= 1e-6
+    assert seen == [(i, (1, 3), (1, 3)) for i in range(4)]
+    single = collect_onnx_moments(model, data[:1], ["bn"], batch_statistics=False, progress=False)
+    assert single.layers["bn"].moments.count == 1  # the caller decides (unfuse keeps identity statistics)
+    with pytest.raises(InputDataError, match=r"^batch 0 .*gets 1 value per channel .*at least 2"):
+        collect_onnx_moments(model, data, ["bn"], batch_statistics=True, progress=False)
+
+
 def test_float16_model_normalizes_in_float32_and_stores_float16():
     model, params = two_bn_graph(15, 8, dtype=np.float16)
     data = data_for_graph()
@@ -437,7 +465,7 @@ def test_statistics_that_are_not_constants_raise():
         if t.name == "a.var":
             t.name = "a.var.src"
     computed.graph.node.insert(0, helper.make_node("Abs", ["a.var.src"], ["a.var"], name="abs"))
-    with pytest.raises(ModelError, match="computed at run time by Abs node 'abs'"):
+    with pytest.raises(ModelError, match="computed at run time by Abs 'abs'"):
         recompute_stats(computed, data, progress=False)
     out = normfx.rewrite(computed, {"bn_a": "keep", "*": "precise"}, data=data)  # the override way out
     assert inits(out)["a.var.src"].tolist() == inits(computed)["a.var.src"].tolist()

@@ -20,6 +20,10 @@ from normfx import models
 from normfx.engine import explain, rewrite_with_report
 from normfx.errors import InputDataError, ModelError, PolicyError, RewriteError
 from normfx.export import export_onnx
+from normfx.passes import unfuse_options
+from normfx.passes.onnx import unfuse as onnx_unfuse
+from normfx.passes.unfuse_options import CLASSIFIER_REASON, NO_DATA_NOTE
+from normfx.stats.onnx_train_graph import with_batch_statistics
 
 TOL = 1e-5
 BN = "BatchNormalization"
@@ -81,13 +85,17 @@ def by_name(report) -> dict:
 
 
 def unchanged(model: onnx.ModelProto, policy="unfuse", **options):
-    """An unfuse that must leave the graph as it was (every layer skipped); returns the report."""
+    """An unfuse that skips every layer: ``rewrite`` refuses with one line (nothing to unfuse) and leaves the
+    model as it was; ``explain`` reports every layer with its reason. Returns explain's report."""
     before = model.SerializeToString()
-    out, report = rewrite_with_report(model, policy, **options)
+    with pytest.raises(ModelError, match="no layer to unfuse") as info:
+        rewrite_with_report(model, policy, **options)
+    assert "\n" not in str(info.value)
     assert model.SerializeToString() == before
-    assert count(out) == count(model) and [n.op_type for n in out.graph.node] == [n.op_type for n in model.graph.node]
+    report = explain(model, policy, **options)
     mine = [e for e in report.entries if e.rule == "unfuse"]  # existing BNs are reported "kept" by the engine
     assert mine and all(e.status == "skipped" and e.reason for e in mine), report
+    assert any("rewrite would refuse" in n for n in report.notes)
     return report
 
 
@@ -322,7 +330,7 @@ def test_classifier_default_and_classifier_true():
     _, report = check(model, feeds, added=1)
     status = by_name(report)
     assert status["body"].status == "applied"
-    reason = "produces the model output (the classifier); unfuse:classifier=true unfuses it too"
+    reason = CLASSIFIER_REASON
     assert status["fc"].reason == status["seg_head"].reason == reason
     _, report = check(model, feeds, policy="unfuse:classifier=true", added=3)
     assert all(e.status == "applied" for e in report.entries)
@@ -364,6 +372,41 @@ def test_layers_in_subgraphs_and_local_functions_are_reported_skipped():
         assert rel(ort_run(model, feeds)[0], ort_run(out, feeds)[0]) <= TOL
 
 
+def test_a_residual_stream_returned_as_features_is_not_the_classifier():
+    """Only single-data-input paths make the classifier: an Add / Mul / Concat of two computed tensors
+    ends the path (a backbone returning its features), a shape-only input (Reshape(g, Shape(g))) does not."""
+    b = Builder(24)
+    x = b.input("x", ["N", 4, 6, 6])
+    r = b.node("Relu", [b.conv(x, 4, 4, 3, pads=[1] * 4, name="stem")])
+    features = b.node("Add", [b.conv(r, 4, 4, 1, name="block"), r])  # residual Add, a graph output
+    gate = b.node("Sigmoid", [b.conv(b.node("GlobalAveragePool", [features]), 4, 4, 1, name="gate")])
+    cat = b.node("Concat", [b.conv(r, 4, 2, 1, name="proj"), r], axis=1)
+    pooled = b.node("Flatten", [b.node("GlobalAveragePool", [features])])
+    logits = b.node("Gemm", [pooled, b.weight("fc.w", [5, 4]), b.init("fc.b", np.ones(5, np.float32))],
+                    name="fc", transB=1)
+    b.output(b.node("Reshape", [logits, b.node("Shape", [logits])]))  # a shape-only second input
+    b.output(features)
+    b.output(b.node("Mul", [features, gate]))  # squeeze-excitation gate: two computed inputs
+    b.output(cat)
+    model = b.model()
+    _, report = check(model, b.feeds(), added=4)
+    status = by_name(report)
+    assert all(status[name].status == "applied" for name in ("stem", "block", "gate", "proj")), report
+    assert status["fc"].status == "skipped" and status["fc"].reason == CLASSIFIER_REASON
+    _, report = check(model, b.feeds(), policy="unfuse:classifier=true", added=5)
+
+
+def test_zoo_backbone_without_head_unfuses_every_conv():
+    """resnet18 with fc = Identity returns its features: no layer is the classifier."""
+    model = models.create("resnet18", seed=5)
+    model.fc = torch.nn.Identity()
+    x = models.example_input("resnet18", batch=2, seed=5)
+    exported = export_onnx(normfx.rewrite(model, "fuse", example_inputs=x).eval(), (x,))
+    _, report = rewrite_with_report(exported, "unfuse")
+    assert len(report.applied) == count(exported, "Conv") >= 17
+    assert not any("classifier" in e.reason for e in report.skipped), report
+
+
 # ----------------------------------------------------------------------------------------------
 # options, errors, fidelity
 
@@ -379,13 +422,24 @@ def test_norm_option():
         assert any("torch route" in note for note in report.notes)
     _, report = check(model, b.feeds(), added=1)
     assert not any("torch route" in note for note in report.notes)
-    assert any("train mode will differ: pass data= to measure statistics" in note for note in report.notes)
+    assert NO_DATA_NOTE in report.notes
     with pytest.raises(PolicyError, match="batchnorm, frozen, sync"):
         rewrite_with_report(model, "unfuse:norm=group")
     with pytest.raises(PolicyError, match="eps"):
         rewrite_with_report(model, "unfuse:eps=0")
     with pytest.raises(PolicyError, match="momentum"):
         rewrite_with_report(model, "unfuse:momentum=1.5")
+
+
+def test_options_are_the_shared_ones():
+    assert onnx_unfuse.NORMS is unfuse_options.NORMS
+    assert not hasattr(onnx_unfuse, "_options") and not hasattr(onnx_unfuse, "LayerLocation")
+    b = Builder(35)
+    x = b.input("x", ["N", 3, 5, 5])
+    b.output(b.conv(b.node("Relu", [b.conv(x, 3, 4, 3, name="conv")]), 4, 2, 1, name="head"))
+    for bad, match in (("eps=inf", "finite"), ("eps=nan", "finite"), ("num_batches=-1", "num_batches")):
+        with pytest.raises(PolicyError, match=match):
+            rewrite_with_report(b.model(), f"unfuse:{bad}")
 
 
 def test_model_without_layers_is_a_model_error():
@@ -523,6 +577,86 @@ def test_data_that_does_not_fit_is_an_input_error():
     b, model = _layers_graph()
     with pytest.raises(InputDataError, match="batch 0"):
         rewrite_with_report(model, "unfuse", data=[np.zeros((2, 4, 6, 6), np.float32)])
+
+
+def _mlp() -> tuple[Builder, onnx.ModelProto]:
+    """Gemm → Relu → MatMul+Add → Relu → Gemm head: BN inputs of shape (N, C), one value per sample."""
+    b = Builder(81)
+    x = b.input("x", ["N", 6])
+    h = b.node("Relu", [b.node("Gemm", [x, b.weight("fc1.w", [8, 6]), b.init("fc1.b", np.full(8, 0.3, np.float32))],
+                                name="fc1", transB=1)])
+    h = b.node("Relu", [b.node("Add", [b.node("MatMul", [h, b.weight("W2", [8, 5])], name="mm"),
+                                       b.init("mm.bias", np.linspace(-1, 1, 5).astype(np.float32))])])
+    b.output(b.node("Gemm", [h, b.weight("head.w", [3, 5]), b.init("head.b", np.ones(3, np.float32))],
+                    name="head", transB=1))
+    return b, b.model()
+
+
+def test_batches_of_one_sample_add_up_when_only_measuring():
+    b, model = _mlp()
+    data = [b.rng.normal(0.5, 1.5, (1, 6)).astype(np.float32) for _ in range(5)]
+    out, report = check(model, b.feeds(4), added=2, data=(batch for batch in data))  # one-shot, batch of one
+    bns = {e.name: e.details["bn"] for e in report.applied}
+    seen = _bn_inputs(out, list(bns.values()), data)
+    for layer, bn in bns.items():
+        entry = by_name(report)[layer]
+        assert entry.details["statistics"] == "data" and entry.details["values_per_channel"] == 5
+        params, _ = bn_params(out, bn)
+        assert np.allclose(params["mean"], seen[bn].mean(axis=0), rtol=1e-5, atol=1e-6)
+        assert np.allclose(params["var"], seen[bn].var(axis=0, ddof=1), rtol=1e-5)
+    # train mode on a batch of one sample is undefined (PyTorch raises): not measured, and said so
+    assert "unfuse_train_mode_rel_error" not in report.metrics
+    assert any("train-mode deviation not measured" in note and "one value per channel" in note for note in report.notes)
+    # one value per channel in all: identity statistics, with the reason in the entry
+    out, report = rewrite_with_report(model, "unfuse", data=data[:1])
+    for entry in report.applied:
+        assert entry.details["statistics"] == "identity" and "the data gave 1 value per channel; a variance needs 2" in entry.reason, entry
+        params, _ = bn_params(out, entry.details["bn"])
+        assert np.allclose(params["scale"], 1.0) and np.array_equal(params["mean"], np.zeros_like(params["mean"]))
+    # on batch statistics (precise) each batch still needs 2 values per channel
+    with pytest.raises(InputDataError, match="at least 2"):
+        normfx.rewrite(out, "precise", data=data)
+
+
+def test_train_mode_deviation_is_measured_on_the_first_batch():
+    """The metric equals the deviation computed by hand (numpy, float64) from the BN input on batch 0."""
+    b = Builder(82)
+    x = b.input("x", ["N", 3, 6, 6])
+    b.output(b.node("Relu", [b.conv(x, 3, 4, 3, name="conv")]))
+    model = b.model()
+    data = [b.rng.normal(0.6, 1.7, (8, 3, 6, 6)).astype(np.float32) for _ in range(3)]
+    out, report = rewrite_with_report(model, "unfuse:classifier=true", data=data)
+    name = by_name(report)["conv"].details["bn"]
+    z = _bn_inputs(out, [name], data[:1])[name]
+    params, attrs = bn_params(out, name)
+    c = (1, -1, 1, 1)
+    scale, shift = params["scale"].reshape(c), params["B"].reshape(c)
+    eval_y = (z - params["mean"].reshape(c)) / np.sqrt(params["var"].reshape(c) + attrs["epsilon"]) * scale + shift
+    mu, var = z.mean(axis=(0, 2, 3), keepdims=True), z.var(axis=(0, 2, 3), keepdims=True)
+    train_y = (z - mu) / np.sqrt(var + attrs["epsilon"]) * scale + shift
+    expected = rel(np.maximum(eval_y, 0), np.maximum(train_y, 0))
+    deviation = report.metrics["unfuse_train_mode_rel_error"]
+    assert 0 < deviation == pytest.approx(expected, rel=1e-3)
+    assert unfuse_options.train_mode_note(deviation) in report.notes
+    # the training-mode graph itself: eval output unchanged for every other node, unknown names refused
+    train = with_batch_statistics(out, [name])
+    assert rel(np.maximum(train_y, 0), ort_run(train, {"x": data[0]})[0]) <= 1e-5
+    with pytest.raises(ModelError, match="no BatchNormalization node named 'nope'"):
+        with_batch_statistics(out, ["nope"])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_train_mode_deviation_on_zoo_models_and_one_shot_data(name):
+    model = models.create(name, seed=5)
+    x = models.example_input(name, batch=2, seed=5)
+    exported = export_onnx(normfx.rewrite(model, "fuse", example_inputs=x).eval(), (x,))
+    data = [models.example_input(name, batch=8, seed=s) for s in (21, 22)]
+    _, report = rewrite_with_report(exported, "unfuse", data=data)
+    deviation = report.metrics["unfuse_train_mode_rel_error"]
+    assert 0 < deviation < 0.5, deviation
+    _, once = rewrite_with_report(exported, "unfuse", data=(batch for batch in data))  # a generator: read once
+    assert once.metrics["unfuse_train_mode_rel_error"] == pytest.approx(deviation, rel=1e-6)
+    assert [e.details["values_per_channel"] for e in once.applied] == [e.details["values_per_channel"] for e in report.applied]
 
 
 # ----------------------------------------------------------------------------------------------

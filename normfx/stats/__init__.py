@@ -6,8 +6,11 @@
 
 Modules: ``moments`` (float64 math), ``feed`` (batches → model), ``collect`` (hooks),
 ``distributed`` (cross-rank merge), ``recompute`` (the API and passes), ``diagnose`` (drift);
-the ONNX route: ``onnx_collect`` (BN inputs measured in onnxruntime) and ``onnx_recompute`` (writing
-the statistics into the graph, the ONNX passes). The API functions take either kind of model.
+``unfuse`` (statistics of the BNs the ``unfuse`` policy inserts, train-mode deviation); the ONNX route:
+``onnx_feed`` (batches → graph inputs), ``onnx_train_graph`` (BN nodes in their training-mode form),
+``onnx_collect`` (BN inputs measured in onnxruntime), ``onnx_recompute`` (writing the statistics into the
+graph, the ONNX passes) and ``onnx_unfuse`` (unfuse's train-mode deviation). The API functions take either
+kind of model.
 """
 
 from .diagnose import EMADiagnosis, LayerDrift, StatsRun, diagnose_ema, recompute_with_diagnosis

@@ -46,6 +46,12 @@ class LayerStats:
     _pending: list[BatchSums] = field(default_factory=list, repr=False)
     _last_batch: int = field(default=-1, repr=False)
 
+    def add(self, sums: BatchSums) -> None:
+        """Keep one call's sums (folded into the moments every ``MERGE_EVERY`` calls, to bound memory)."""
+        self._pending.append(sums)
+        if len(self._pending) >= MERGE_EVERY:
+            fold_pending(self)
+
     @property
     def reached(self) -> bool:
         return self.moments is not None and self.moments.count > 0
@@ -95,9 +101,7 @@ class _Hook:
         s.calls += 1
         # depends on this batch alone: the same bits on any rank, in any order
         sums, mean, var = batch_sums(x, self.workspace)
-        s._pending.append(sums)
-        if len(s._pending) >= MERGE_EVERY:
-            fold_pending(s)
+        s.add(sums)
         if self.batch_statistics:  # normalize this call with the batch statistics, as BatchNorm does in training
             module.running_mean.copy_(mean)
             module.running_var.copy_(var)
@@ -222,6 +226,3 @@ def gather_collected(stats: dict[str, LayerStats], channels: Callable[[list[Mome
         log.warning("data ran out after %d batch(es); num_batches=%d asked for more", batches, num_batches)
     return Collected(stats, total_batches, size, num_batches or None)
 
-
-# the names other modules used before they were public (kept while callers move over)
-_MERGE_EVERY, _fold_pending, _guarded = MERGE_EVERY, fold_pending, guarded

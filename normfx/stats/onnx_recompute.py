@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,12 +32,21 @@ import torch
 from onnx import helper, numpy_helper
 
 from ..errors import InputDataError, ModelError
-from ..passes.onnx.constants import EVALUATORS, evaluate, needs_only_dtype
-from ..passes.onnx.io import batchnorm_nodes, load_model_proto, name_batchnorm_nodes, opset_of
-from ..passes.onnx.io import first_line as _first_line
+from ..passes.onnx.io import (
+    batchnorm_nodes,
+    load_model_proto,
+    name_batchnorm_nodes,
+    node_attrs,
+    opset_of,
+    read_counts,
+    require_loaded_data,
+)
+from ..passes.onnx.names import FreshNames
+from ..passes.onnx.workspace import Workspace
 from ..report import APPLIED, SKIPPED, Report
 from .collect import Collected
-from .onnx_collect import _attrs, _Namer, _read_names, collect_onnx_moments, unsupported_reason
+from .onnx_collect import collect_onnx_moments
+from .onnx_train_graph import unsupported_reason
 
 __all__ = [
     "is_onnx_model",
@@ -88,65 +96,22 @@ def _override_hint(name: str, mode: str) -> str:
 
 class Constants:
     """Values of constant tensors of the main graph: initializers, Constant nodes, and small constant
-    subgraphs (``Identity``, ``Cast``, ``Reshape``... of constants, as :mod:`~normfx.passes.onnx.constants` evaluates)."""
+    subgraphs (``Identity``, ``Cast``, ``Reshape``... of constants) — :meth:`Workspace.const
+    <normfx.passes.onnx.workspace.Workspace.const>` on an onnx-graphsurgeon import of the model, looked
+    up by tensor name."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        graph = model.graph
-        self.inits = {t.name: t for t in graph.initializer}
-        self.producers = {out: node for node in graph.node for out in node.output if out}
-        inputs = {vi.name for vi in graph.input}
-        self.overridable = (set(self.inits) & inputs) if model.ir_version >= 4 else set()
-        self.inputs = inputs - set(self.inits)
+        self._workspace = Workspace(model)
+        self._tensors = self._workspace.graph.tensors()
 
-    def value(self, name: str, depth: int = 0) -> np.ndarray | str:
+    def value(self, name: str) -> np.ndarray | str:
         """The value, or why it is not a constant (a phrase completing "its mean input ...")."""
         if not name:
             return "is omitted"
-        if name in self.overridable:
-            return f"{name!r} is a graph input (an initializer the caller can override at run time)"
-        if name in self.inits:
-            try:
-                return numpy_helper.to_array(self.inits[name])
-            except Exception as exc:  # external data not loaded, unsupported dtype
-                return f"{name!r} cannot be read ({_first_line(exc)})"
-        if name in self.inputs:
-            return f"{name!r} is a graph input; its value is only known at run time"
-        node = self.producers.get(name)
-        if node is None:
+        tensor = self._tensors.get(name)
+        if tensor is None:
             return f"{name!r} has no producer in the main graph"
-        label = f"{node.op_type} node {node.name!r}" if node.name else f"an unnamed {node.op_type} node"
-        if node.domain not in ("", "ai.onnx"):
-            return f"{name!r} is computed at run time by {label}"
-        if node.op_type == "Constant":
-            return self._constant(node, name)
-        if node.op_type not in EVALUATORS or len(node.output) != 1 or depth > 32:
-            return f"{name!r} is computed at run time by {label}"
-        inputs: list[np.ndarray | None] = []
-        for i, source in enumerate(node.input):
-            value = self.value(source, depth + 1) if source else None
-            if isinstance(value, str):
-                if needs_only_dtype(node.op_type, i):
-                    return f"{name!r} is computed by {label} from a tensor of unknown type"
-                return f"{name!r} is computed at run time by {label} ({value})"
-            inputs.append(value)
-        try:
-            return evaluate(node.op_type, _attrs(node), inputs)
-        except Exception as exc:  # unsupported attributes, shapes
-            return f"{name!r} is computed by {label}, which normfx cannot evaluate ({type(exc).__name__})"
-
-    @staticmethod
-    def _constant(node: onnx.NodeProto, name: str) -> np.ndarray | str:
-        attrs = _attrs(node)
-        try:
-            if "value" in attrs:
-                return numpy_helper.to_array(attrs["value"])
-            for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
-                               ("value_int", np.int64), ("value_ints", np.int64)):
-                if key in attrs:
-                    return np.array(attrs[key], dtype=dtype)
-        except Exception as exc:
-            return f"{name!r} comes from a Constant node normfx cannot read ({type(exc).__name__})"
-        return f"{name!r} comes from a Constant node of a kind normfx does not read ({', '.join(attrs) or 'no value'})"
+        return self._workspace.const(tensor)
 
 
 # --- selecting, writing ----------------------------------------------------------------------------
@@ -181,9 +146,10 @@ def select_nodes(model: onnx.ModelProto, targets: Callable[[str], bool], report:
     subgraph / local function or whose mean/var are not constants (the message names the override
     that excludes it). ``model`` must be named (:func:`name_batchnorm_nodes`).
     """
+    require_loaded_data(model, label)
     locations = _require_bn(model, label)
     opset = opset_of(model)
-    read = _read_names(model)
+    read = set(read_counts(model))
     constants = Constants(model)
     layers: dict[str, StoredStats] = {}
     for loc in locations:
@@ -214,7 +180,7 @@ def select_nodes(model: onnx.ModelProto, targets: Callable[[str], bool], report:
                     f"shape {list(value.shape)}, not a (C,) float vector; {_override_hint(name, mode)}"
                 )
             values.append(value)
-        layers[name] = StoredStats(name, node, values[0], values[1], float(_attrs(node).get("epsilon", 1e-5)))
+        layers[name] = StoredStats(name, node, values[0], values[1], float(node_attrs(node).get("epsilon", 1e-5)))
     return layers
 
 
@@ -225,18 +191,8 @@ class _Writer:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         graph = model.graph
-        self.uses: Counter[str] = Counter(vi.name for vi in graph.output)
-
-        def walk(g: onnx.GraphProto) -> None:
-            for node in g.node:
-                self.uses.update(n for n in node.input if n)
-                for attr in node.attribute:
-                    for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                        self.uses.update(vi.name for vi in sub.output)
-                        walk(sub)
-
-        walk(graph)
-        self.fresh = _Namer(model)
+        self.uses = read_counts(model)
+        self.fresh = FreshNames(model)
         self.inputs = {vi.name for vi in graph.input}
         self.outputs = {vi.name for vi in graph.output}
 

@@ -32,7 +32,14 @@ from ...errors import ModelError
 from ...fold import unfold_bn_params
 from ...layers import is_batchnorm
 from ...report import APPLIED, SKIPPED
-from ..unfuse_options import CLASSIFIER_REASON, NO_DATA_NOTE, UnfuseOptions, unfuse_options
+from ..unfuse_options import (
+    ALREADY_NORMALIZED,
+    CLASSIFIER_REASON,
+    NO_DATA_NOTE,
+    UnfuseOptions,
+    refuse_or_note,
+    unfuse_options,
+)
 from .frozen import freeze_module
 from .graph_state import GraphState, set_parameters
 from .patterns import LayerInfo, describe_node, layer_info
@@ -47,7 +54,6 @@ _NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn
                  nn.LocalResponseNorm)
 _NORM_FUNCTIONS = {F.batch_norm, torch.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.local_response_norm}
 _BN_CLASSES = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_ALREADY = "already followed by"
 
 
 @dataclass
@@ -107,7 +113,7 @@ def _skip_reason(state: GraphState, node: fx.Node, layer: LayerInfo, classifier:
     gm = state.gm
     norm = _normalization_user(gm, node)
     if norm is not None:
-        return f"{_ALREADY} {describe_node(gm, norm)}: nothing to unfuse"
+        return f"{ALREADY_NORMALIZED} {describe_node(gm, norm)}: nothing to unfuse"
     sharing = state.sharing(node)
     if sharing:
         return f"{sharing}: each call would need its own BatchNorm while the layer's bias is shared"
@@ -222,10 +228,7 @@ def run(model: nn.Module, ctx) -> nn.Module:
             "check that this is the fused model you meant"
         )
     if not inserted:
-        if skipped and ctx.dry_run:
-            ctx.report.note(f"rewrite would refuse: {_nothing_to_unfuse(type(model).__name__, skipped)}")
-        elif skipped:
-            raise ModelError(_nothing_to_unfuse(type(model).__name__, skipped))
+        refuse_or_note(ctx, type(model).__name__, skipped)
         return result
     sources = calibrate(result, inserted, data, ctx, options)
     for item in inserted:
@@ -238,13 +241,3 @@ def run(model: nn.Module, ctx) -> nn.Module:
         ctx.report.note(NO_DATA_NOTE)
     return result
 
-
-def _nothing_to_unfuse(model: str, reasons: list[str]) -> str:
-    already = sum(r.startswith(_ALREADY) for r in reasons)
-    head = sum(r == CLASSIFIER_REASON for r in reasons)
-    other = len(reasons) - already - head
-    parts = [f"{already} already followed by a normalization"] if already else []
-    parts += [f"{head} producing the model output"] if head else []
-    parts += [f"{other} for other reasons (see explain)"] if other else []
-    return (f"{model}: no layer to unfuse ({', '.join(parts)}); unfuse is for a fused model whose BatchNorms were "
-            "folded into its layers")

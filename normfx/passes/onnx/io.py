@@ -3,7 +3,9 @@
 ``load_model_proto`` always returns a private copy (the caller's ``ModelProto`` and file are never
 touched). A path is read with its external data (resolved relative to the file's folder), so the
 returned model is self-contained; a ``ModelProto`` whose external data was not loaded keeps its
-references (initializers the passes do not edit are written back exactly as they came).
+references (initializers the passes do not edit are written back exactly as they came); the passes
+that read every weight or run the model in onnxruntime (``unfuse``, ``precise``, ``adaptive``, the
+statistics API) refuse it with :func:`require_loaded_data`'s one-line :class:`~normfx.errors.ModelError`.
 
 BatchNormalization nodes without a name, or sharing a name with another node, get a stable one
 (``BatchNormalization_{i}``, ``i`` its rank in :func:`batchnorm_nodes` order) so report entries can
@@ -14,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import onnx
+from onnx import helper
 
 from ...errors import ModelError
 
@@ -33,6 +37,9 @@ __all__ = [
     "is_batchnorm",
     "first_line",
     "opset_of",
+    "node_attrs",
+    "read_counts",
+    "require_loaded_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -151,6 +158,61 @@ def opset_of(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
     return 1
+
+
+def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    """A NodeProto's attributes as ``{name: value}`` (``onnx.helper.get_attribute_value``)."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def read_counts(model: onnx.ModelProto) -> Counter[str]:
+    """How many times each tensor name is read: node inputs (subgraph bodies included), subgraph outputs
+    and main-graph outputs (a name read twice by one node counts twice)."""
+    counts: Counter[str] = Counter(vi.name for vi in model.graph.output)
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            counts.update(n for n in node.input if n)
+            for _, sub in _subgraphs(node):
+                counts.update(vi.name for vi in sub.output)
+                walk(sub)
+
+    walk(model.graph)
+    return counts
+
+
+def _tensors_with_data(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto holding values in ``graph``: initializers, sparse ones, Constant-node attributes;
+    subgraph bodies included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+        for _, sub in _subgraphs(node):
+            yield from _tensors_with_data(sub)
+
+
+def require_loaded_data(model: onnx.ModelProto, what: str = "the ONNX model") -> None:
+    """Raise :class:`~normfx.errors.ModelError` when a tensor of ``model`` keeps its values in an external
+    file that was not loaded (``onnx.load(path, load_external_data=False)``): neither onnxruntime nor a
+    pass can read it from the ModelProto alone. The message names the first such tensor and the fix."""
+    tensors = [_tensors_with_data(model.graph)]
+    tensors += [_tensors_with_data(onnx.GraphProto(node=func.node)) for func in model.functions]
+    for source in tensors:
+        for tensor in source:
+            if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.EXTERNAL:
+                location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+                where = f" (file {location!r})" if location else ""
+                raise ModelError(
+                    f"{what}: tensor {tensor.name!r} keeps its data in an external file{where} that was not loaded; "
+                    "pass the .onnx path, or call onnx.load_external_data_for_model(model, folder) first"
+                )
 
 
 def _validate(model: onnx.ModelProto, label: str) -> None:

@@ -13,42 +13,71 @@ computing its eval function (:func:`normfx.stats.onnx_collect.collect_onnx_momen
 and close to the fused function in train mode. ``epsilon`` is the ``eps`` option, ``momentum`` the
 ``momentum`` option in ONNX's convention (``1 - momentum``: PyTorch's 0.1 is ONNX's 0.9).
 
+With data, the train-mode deviation is measured too (as on the torch route):
+``report.metrics["unfuse_train_mode_rel_error"]`` is ``max|y_train - y_eval| / max|y_eval|`` over the
+float outputs on the first batch of the data, ``y_train`` with only the inserted BNs on batch statistics
+(:func:`normfx.stats.onnx_unfuse.train_mode_deviation`), plus a report note. The first batch is kept
+as the statistics pass goes by, so one-shot data (a generator) is read once. It is not measured (a note
+says why) when the first batch gives an inserted BN a single value per channel (train mode needs 2;
+PyTorch raises there). Batches of one sample are fine for the statistics: counts add up across
+batches; a BN whose data gave one value per channel in all keeps identity statistics, and its report
+entry says so.
+
 Each rule is match → check (a reason when it declines) → apply, as in :mod:`.fuse`. Skipped with a
 reason: layers in subgraphs (If/Loop/Scan bodies) or local functions; a weight that is not a constant;
 a layer whose output already feeds a normalization (directly, or through shape-only ops / its bias
-Add); — unless ``classifier=true`` — a layer whose output reaches a graph output through
-parameter-free ops only (the classifier / prediction head); a MatMul whose input is not proven 2-D
-(BN normalizes axis 1, a MatMul's features are its last axis); a Gemm whose ``C`` varies along rows.
+Add); — unless ``classifier=true`` — the classifier (prediction head): a layer whose output reaches a
+graph output through nodes that each take exactly one computed data input (activations, pooling,
+reductions, Flatten/Reshape, Dropout, Softmax, Identity, ...: constants and shape-only inputs such as
+``Shape(x)`` do not count); a node merging two computed tensors (a residual Add, a Concat), a node
+with parameters (a layer, a normalization, PRelu), a node of another domain or with a subgraph ends
+the path, so a backbone returning its features keeps its residual stream unfused; a MatMul whose
+input is not proven 2-D (BN normalizes axis 1, a MatMul's features are its last axis); a Gemm whose
+``C`` varies along rows.
 
 ONNX has one BN op: ``norm`` = ``batchnorm``, ``frozen`` or ``sync`` all insert BatchNormalization
 (the class distinction exists only on the torch route). Existing initializers are never edited: the
 layer keeps its weight tensor, the BN gets new initializers. ``ctx.dry_run`` (explain) inserts the BNs
-on the private copy but measures nothing.
+on the private copy but measures nothing. A ModelProto whose external data was not loaded is refused
+(:func:`.io.require_loaded_data`). The options are checked by :func:`normfx.passes.unfuse_options.unfuse_options`,
+shared with the torch route.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ...errors import ModelError, PolicyError
+from ...errors import ModelError
 from ...fold import unfold_bn_params
 from ...report import APPLIED, SKIPPED
+from ..unfuse_options import (
+    ALREADY_NORMALIZED,
+    CLASSIFIER_REASON,
+    NO_DATA_NOTE,
+    NORMS,
+    UnfuseOptions,
+    refuse_or_note,
+    train_mode_note,
+    unfuse_options,
+)
 from .chain import CHAIN_OPS
 from .edits import conv_params, optional_const, per_feature
-from .io import NodeLocation, find_nodes, name_nodes, opset_of
+from .io import NodeLocation, find_nodes, name_nodes, opset_of, require_loaded_data
 from .workspace import Workspace, node_label
+
+if TYPE_CHECKING:
+    from ...stats.onnx_unfuse import FirstBatch
 
 __all__ = ["run", "NORMS", "LAYER_OPS", "layer_nodes", "name_layer_nodes"]
 
 log = logging.getLogger(__name__)
 
-NORMS = ("batchnorm", "frozen", "sync")
 LAYER_OPS = {"Conv": "conv", "ConvTranspose": "conv_transpose", "Gemm": "linear", "MatMul": "linear"}
 NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization"})
 # Ops with parameters of their own: a path from a layer to the graph output through one of them is no
@@ -56,30 +85,21 @@ NORM_OPS = frozenset({"BatchNormalization", "InstanceNormalization", "LayerNorma
 _PARAMETRIC = frozenset(LAYER_OPS) | NORM_OPS | {"PRelu"}
 _MIN_OPSET = 7  # BatchNormalization-7 onward (is_test / consumed_inputs gone); onnxruntime's floor as well
 
-NO_DATA_NOTE = (
-    "unfuse without data: the inserted BatchNormalizations have identity statistics (exact in eval mode), but "
-    "train mode will differ: pass data= to measure statistics"
-)
-CLASSIFIER_REASON = "produces the model output (the classifier); unfuse:classifier=true unfuses it too"
-
 
 # ----------------------------------------------------------------------------------------------
 # finding and naming the layers (main graph, subgraph bodies, local functions)
-
-
-LayerLocation = NodeLocation
 
 
 def _is_layer(node: onnx.NodeProto) -> bool:
     return node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx")
 
 
-def layer_nodes(model: onnx.ModelProto) -> list[LayerLocation]:
+def layer_nodes(model: onnx.ModelProto) -> list[NodeLocation]:
     """Every default-domain Conv/ConvTranspose/Gemm/MatMul node, in :func:`.io.find_nodes` order."""
     return find_nodes(model, _is_layer)
 
 
-def name_layer_nodes(model: onnx.ModelProto) -> list[LayerLocation]:
+def name_layer_nodes(model: onnx.ModelProto) -> list[NodeLocation]:
     """Give unnamed / duplicate-named layer nodes a stable name (``{op}_{i}``), in place, as
     :func:`.io.name_batchnorm_nodes` does for BNs; idempotent."""
     return name_nodes(model, _is_layer)
@@ -129,8 +149,34 @@ def _normalization_after(out: gs.Tensor, ws: Workspace) -> gs.Node | None:
     return None
 
 
-def _reaches_output(out: gs.Tensor, ws: Workspace) -> bool:
-    """Does ``out`` reach a graph output through parameter-free ops only (the classifier)?"""
+def _has_subgraph(node: gs.Node) -> bool:
+    return any(isinstance(v, gs.Graph) or (isinstance(v, list) and any(isinstance(g, gs.Graph) for g in v))
+               for v in node.attrs.values())
+
+
+def _computed_tensors(ws: Workspace) -> set[int]:
+    """ids of the main-graph tensors whose values depend on the values fed at run time (activations):
+    not constants, nor tensors computed from shapes only (``Shape(x)``, ``ConstantOfShape(Shape(x))``)."""
+    computed = {id(t) for t in ws.graph.inputs if not isinstance(t, gs.Constant) and t.name not in ws.overridable}
+    for node in ws.graph.nodes:  # ONNX nodes are in topological order
+        reads = any(id(t) in computed and not ws.reads_only_metadata(node, t) for t in node.inputs)
+        if reads or _has_subgraph(node):
+            computed.update(id(t) for t in node.outputs)
+    return computed
+
+
+def _single_data_input(node: gs.Node, tensor: gs.Tensor, ws: Workspace, computed: set[int]) -> bool:
+    """Does ``node`` (reading ``tensor``) take exactly one computed data input, and no parameters?"""
+    if node.domain or node.op in _PARAMETRIC or _has_subgraph(node):
+        return False  # a layer with parameters of its own takes over; other domains / subgraphs: unknown
+    data = {id(t) for t in node.inputs
+            if (t is tensor or id(t) in computed) and not ws.reads_only_metadata(node, t)}
+    return len(data) == 1
+
+
+def _is_classifier(out: gs.Tensor, ws: Workspace, computed: set[int]) -> bool:
+    """Does ``out`` reach a graph output through single-data-input, parameter-free nodes only (the
+    classifier)? A node merging two computed tensors (a residual Add, a Concat) ends the path."""
     stack, seen = [out], set()
     while stack:
         tensor = stack.pop()
@@ -140,9 +186,8 @@ def _reaches_output(out: gs.Tensor, ws: Workspace) -> bool:
         if ws.is_graph_output(tensor):
             return True
         for node in _main_consumers(tensor, ws):
-            if node.op in _PARAMETRIC and not node.domain:
-                continue  # a layer with parameters of its own takes over
-            stack.extend(t for t in node.outputs if not t.is_empty())
+            if _single_data_input(node, tensor, ws, computed):
+                stack.extend(t for t in node.outputs if not t.is_empty())
     return False
 
 
@@ -234,8 +279,8 @@ def _rank_reason(site: Site, ws: Workspace) -> str | None:
     )
 
 
-def _check(node: gs.Node, name: str, ws: Workspace, classifier: bool) -> Site | str:
-    """The site of layer ``node``, or why it is not unfused."""
+def _check(node: gs.Node, name: str, ws: Workspace, classifier: bool, computed: set[int]) -> Site | str:
+    """The site of layer ``node``, or why it is not unfused (``computed``: :func:`_computed_tensors`)."""
     if node.op in ("Conv", "ConvTranspose"):
         site = _conv_site(node, name, ws)
     elif node.op == "Gemm":
@@ -246,8 +291,8 @@ def _check(node: gs.Node, name: str, ws: Workspace, classifier: bool) -> Site | 
         return site
     norm = _normalization_after(site.out, ws)
     if norm is not None:
-        return f"already followed by {node_label(norm)}: nothing to unfuse"
-    if not classifier and _reaches_output(site.out, ws):
+        return f"{ALREADY_NORMALIZED} {node_label(norm)}: nothing to unfuse"
+    if not classifier and _is_classifier(site.out, ws, computed):
         return CLASSIFIER_REASON
     return _rank_reason(site, ws) or site
 
@@ -305,52 +350,56 @@ def _apply(site: Site, ws: Workspace, eps: float, momentum: float) -> Inserted:
 # statistics
 
 
-def _measure(ws: Workspace, inserted: list[Inserted], ctx: Any, eps: float) -> dict[str, str]:
+def _measure(ws: Workspace, inserted: list[Inserted], ctx: Any, opts: UnfuseOptions) -> tuple[dict[str, str], FirstBatch]:
     """Measure each inserted BN's input over ``ctx.data`` and write the unfolded parameters.
 
-    Returns ``{bn name: "" | why identity statistics stayed}``."""
+    Returns ``{bn name: "" | why identity statistics stayed}`` and the first batch for the train-mode
+    deviation (kept as the data goes by: one-shot data is read once)."""
     from ...stats.onnx_collect import collect_onnx_moments
+    from ...stats.onnx_unfuse import FirstBatch
 
     staged = ws.export()  # identity statistics: the model computes its fused (eval) function
-    num_batches = ctx.option("num_batches") or None
     names = [item.bn_name for item in inserted]
-    collected = collect_onnx_moments(staged, ctx.data, names, num_batches=num_batches, batch_statistics=False,
-                                     progress=True, desc="unfuse statistics")
+    first = FirstBatch()
+    collected = collect_onnx_moments(staged, ctx.data, names, num_batches=opts.num_batches, batch_statistics=False,
+                                     progress=True, desc="unfuse statistics", on_batch=first)
     kept: dict[str, str] = {}
     for item in inserted:
-        stats = collected.layers.get(item.bn_name)
-        moments = getattr(stats, "moments", None)
-        if moments is None or moments.count <= 1:
-            count = 0 if moments is None else int(moments.count)
-            kept[item.bn_name] = f"the data gave {count} value(s) per channel"
+        moments = collected.layers[item.bn_name].moments
+        count = 0 if moments is None else int(moments.count)
+        if count < 2:  # one batch of one sample into a Gemm/MatMul (counts add up across batches)
+            kept[item.bn_name] = (f"never reached by the data in {collected.batches} batch(es)" if not count else
+                                  "the data gave 1 value per channel; a variance needs 2")
             log.warning("%s: %s; identity statistics kept", item.bn_name, kept[item.bn_name])
             continue
         site = item.site
         _, values = unfold_bn_params(site.weight, site.bias, kind=site.kind, groups=site.groups,
-                                     channel_mean=moments.mean, channel_var=moments.var_unbiased, eps=eps)
+                                     channel_mean=moments.mean, channel_var=moments.var_unbiased, eps=opts.eps)
         _set_values(item, values)
-        item.site.details["values_per_channel"] = int(moments.count)
+        item.site.details["values_per_channel"] = count
         kept[item.bn_name] = ""
-    return kept
+    return kept, first
+
+
+def _deviation(model: onnx.ModelProto, names: list[str], first: FirstBatch, ctx: Any) -> None:
+    """The train-mode deviation on the first batch, into ``ctx.report`` (or a note saying why not)."""
+    from ...stats.onnx_unfuse import train_mode_deviation
+
+    single = [name for name in names if first.values_per_channel.get(name, 0) < 2]
+    if single or first.feed is None:
+        ctx.report.note(f"train-mode deviation not measured: the first batch gives {single[0]!r} one value per "
+                        "channel, on which BatchNorm cannot run in train mode; use batches of 2 or more samples")
+        return
+    deviation = train_mode_deviation(model, names, first.feed)
+    ctx.report.metrics["unfuse_train_mode_rel_error"] = deviation
+    ctx.report.note(train_mode_note(deviation))
 
 
 # ----------------------------------------------------------------------------------------------
 # the pass
 
 
-def _options(ctx: Any) -> tuple[str, float, float, bool]:
-    norm = str(ctx.option("norm")).lower()
-    if norm not in NORMS:
-        raise PolicyError(f"policy 'unfuse': norm={ctx.option('norm')!r} is not one of {', '.join(NORMS)}")
-    eps, momentum = float(ctx.option("eps")), float(ctx.option("momentum"))
-    if not eps > 0:
-        raise PolicyError(f"policy 'unfuse': eps must be > 0, got {eps}")
-    if not 0.0 <= momentum <= 1.0:
-        raise PolicyError(f"policy 'unfuse': momentum must be in [0, 1] (PyTorch convention), got {momentum}")
-    return norm, eps, momentum, bool(ctx.option("classifier"))
-
-
-def _where_reason(loc: LayerLocation, opset: int) -> str | None:
+def _where_reason(loc: NodeLocation, opset: int) -> str | None:
     """Why a layer is not even looked at: it lives in a subgraph / local function, or the opset is too old."""
     if loc.where:
         return f"inside {loc.where}: layers in subgraphs and local functions are not unfused"
@@ -376,7 +425,8 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
     """Insert a BatchNormalization after every targeted eligible layer; returns a new ModelProto
     (``model`` itself when nothing changed). Options: ``norm``, ``eps``, ``momentum``, ``classifier``,
     ``num_batches`` (see the policy)."""
-    norm, eps, momentum, classifier = _options(ctx)
+    opts = unfuse_options(ctx)
+    require_loaded_data(model)
     locations = name_layer_nodes(model)
     if not locations:
         raise ModelError(
@@ -398,31 +448,37 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
     inserted: list[Inserted] = []
     if ws is not None:
         by_name = {n.name: n for n in ws.graph.nodes if n.op in LAYER_OPS and n.domain in (None, "", "ai.onnx")}
+        computed = _computed_tensors(ws)
         sites: list[Site] = []
         for name in main:
-            result = _check(by_name[name], name, ws, classifier)
+            result = _check(by_name[name], name, ws, opts.classifier, computed)
             if isinstance(result, str):
                 decisions[name] = (SKIPPED, result, {})
             else:
                 sites.append(result)
         # all checks first, then the edits: a check must not see another layer's new BN
-        inserted = [_apply(site, ws, eps, momentum) for site in sites]
+        inserted = [_apply(site, ws, opts.eps, opts.momentum) for site in sites]
 
     measure = ws is not None and bool(inserted) and ctx.data is not None
-    kept = _measure(ws, inserted, ctx, eps) if measure and not ctx.dry_run else {}
+    kept, first = _measure(ws, inserted, ctx, opts) if measure and not ctx.dry_run else ({}, None)
     for item in inserted:
         why = kept.get(item.bn_name, "")
-        decisions[item.site.name] = _applied(item, norm, measure and not why, why)
+        decisions[item.site.name] = _applied(item, opts.norm, measure and not why, why)
     for loc in locations:
         if loc.node.name in decisions:
             status, reason, details = decisions[loc.node.name]
             ctx.report.add(loc.node.name, ctx.rule, status, reason, **details)
-    if inserted and norm != "batchnorm":
-        ctx.report.note(f"unfuse:norm={norm} on ONNX inserts BatchNormalization: ONNX has one BN op, the "
+    if not inserted:
+        refuse_or_note(ctx, "the ONNX model", [d[1] for d in decisions.values() if d[0] == SKIPPED])
+    if inserted and opts.norm != "batchnorm":
+        ctx.report.note(f"unfuse:norm={opts.norm} on ONNX inserts BatchNormalization: ONNX has one BN op, the "
                         "FrozenBatchNorm/SyncBatchNorm distinction exists only on the torch route")
     if inserted and ctx.data is None:
         log.warning(NO_DATA_NOTE)
         ctx.report.note(NO_DATA_NOTE)
     if ws is None or not ws.changed:
         return model
-    return ws.export()
+    out = ws.export()
+    if first is not None:
+        _deviation(out, [item.bn_name for item in inserted], first, ctx)
+    return out

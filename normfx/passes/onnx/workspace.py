@@ -31,8 +31,8 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from ...errors import ModelError, RewriteError
 from .constants import EVALUATORS, evaluate, needs_only_dtype
-from .io import first_line as _first_line
-from .io import opset_of as _opset
+from .io import first_line, opset_of
+from .names import fresh_name, names_in
 from .shapes import ShapeInfo
 
 __all__ = ["Workspace", "quiet_gs", "node_label"]
@@ -55,48 +55,6 @@ def node_label(node: gs.Node) -> str:
     return f"{node.op} {node.name!r}" if node.name else f"{node.op} (unnamed)"
 
 
-def fresh_name(taken: set[str], base: str) -> str:
-    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken``, which then reserves it."""
-    name, bump = base, 0
-    while name in taken:
-        bump += 1
-        name = f"{base}_{bump}"
-    taken.add(name)
-    return name
-
-
-def _names_in(model: onnx.ModelProto) -> set[str]:
-    names: set[str] = set()
-
-    def walk(graph: onnx.GraphProto) -> None:
-        names.add(graph.name)
-        for coll in (graph.input, graph.output, graph.value_info):
-            names.update(vi.name for vi in coll)
-        names.update(t.name for t in graph.initializer)
-        names.update(t.values.name for t in graph.sparse_initializer)
-        for node in graph.node:
-            names.add(node.name)
-            names.update(node.input)
-            names.update(node.output)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for g in attr.graphs:
-                        walk(g)
-
-    walk(model.graph)
-    for func in model.functions:
-        names.update(func.input)
-        names.update(func.output)
-        for node in func.node:
-            names.add(node.name)
-            names.update(node.input)
-            names.update(node.output)
-    names.discard("")
-    return names
-
-
 def _outer_references(graph: onnx.GraphProto) -> set[str]:
     """Names a (sub)graph uses without defining them itself (outer-scope references)."""
     defined = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
@@ -117,12 +75,12 @@ class Workspace:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        self.opset = _opset(model)
+        self.opset = opset_of(model)
         try:
             with quiet_gs():
                 self.graph: gs.Graph = gs.import_onnx(model)
         except Exception as exc:  # gs raises its own exception types on malformed graphs
-            raise ModelError(f"onnx-graphsurgeon cannot import the model: {_first_line(exc)}") from None
+            raise ModelError(f"onnx-graphsurgeon cannot import the model: {first_line(exc)}") from None
         nodes = list(self.graph.nodes)
         # gs imports nodes one for one, in order; remember each one's source NodeProto.
         self._source: dict[int, tuple[gs.Node, int]] = {}
@@ -138,7 +96,7 @@ class Workspace:
         # From IR 4 on, an initializer that is also a graph input is a default the caller may override.
         self.overridable = (init_names & input_names) if model.ir_version >= 4 else set()
         self.graph_input_names = input_names - (init_names if model.ir_version < 4 else set())
-        self._names = _names_in(model)
+        self._names = names_in(model)
         self.shapes = ShapeInfo(model)
         self.changed = False
 
@@ -157,7 +115,7 @@ class Workspace:
             try:
                 return np.asarray(tensor.values)
             except Exception as exc:  # external data not loaded, unsupported dtype
-                return f"{label} cannot be read ({_first_line(exc)})"
+                return f"{label} cannot be read ({first_line(exc)})"
         if tensor.name in self.graph_input_names or tensor in self.graph.inputs:
             return f"{label} is a graph input; its value is only known at run time"
         if not tensor.inputs:
@@ -354,7 +312,7 @@ class Workspace:
             with quiet_gs():
                 out = gs.export_onnx(self.graph, do_type_check=False)
         except Exception as exc:
-            raise RewriteError(f"onnx-graphsurgeon cannot export the rewritten model: {_first_line(exc)}") from None
+            raise RewriteError(f"onnx-graphsurgeon cannot export the rewritten model: {first_line(exc)}") from None
         self._restore_nodes(out.graph)
         self._restore_graph(out.graph)
         self._restore_model(out)
