@@ -7,7 +7,8 @@
 - :mod:`.bn_conv` — BN → Conv / ConvTranspose           (forward fold; padded convs exactly)
 - :mod:`.bn_gemm` — BN → Gemm / MatMul                  (forward fold)
 - :mod:`.standalone_bn` — a BN nothing folds: kept (ORT's kernel is the cheapest form)
-- :mod:`.unfuse` — the ``unfuse`` policy: Conv / ConvTranspose / Gemm / MatMul(+Add) → layer (no bias) → BN
+- :mod:`.unfuse` — the ``unfuse`` policy: Conv / ConvTranspose / Gemm / MatMul(+Add) → layer (no bias) → BN;
+  :mod:`.unfuse_sites` finds and checks its layers
 - :mod:`.bn`, :mod:`.chain`, :mod:`.shapes`, :mod:`.constants`, :mod:`.edits`, :mod:`.rule`,
   :mod:`.names`, :mod:`.workspace` — shared: reading a BN, shape chains, symbolic shapes, constant
   subgraphs, surgery helpers, the rule result types, fresh names, and the gs import/export
