@@ -12,6 +12,8 @@ from .frozen import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
 )
+from .proxynorm import ProxyNormAct, param_groups, proxy_quantiles
+from .stdconv import StdConv, StdConv1d, StdConv2d, StdConv3d
 
 __all__ = [
     "BatchNormPost",
@@ -23,6 +25,13 @@ __all__ = [
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "is_batchnorm",
+    "ProxyNormAct",
+    "param_groups",
+    "proxy_quantiles",
+    "StdConv",
+    "StdConv1d",
+    "StdConv2d",
+    "StdConv3d",
 ]
 
 
