@@ -111,3 +111,79 @@ register_policy(
         calibrates_on_data=True,
     )
 )
+
+# Batch-independent normalization (torch route): BN → GroupNorm / LayerNorm / InstanceNorm, Proxy Norm, WS.
+_GROUP_OPTIONS = {
+    "groups": Option("groups", int, 0, "number of groups G (must divide every targeted layer's channel count C); "
+                                       "0 = the default rule"),
+    "group_size": Option("group_size", int, 0, "channels per group S (G = C / S; must divide C); set groups or "
+                                               "group_size, not both; 0 = the default rule"),
+}
+_WS_OPTION = {"ws": Option("ws", bool, False, "also turn the Conv1d/2d/3d feeding each new norm into a StdConv "
+                                              "(Weight Standardization, as in BiT's GN + WS)")}
+_SWAP_NOTE = (" BN eps and affine (weight/bias) are kept at the BN's path, running statistics dropped; "
+              "BN subclasses keep their own activation after the norm; functional F.batch_norm calls are reported, "
+              "not replaced.")
+register_policy(
+    PolicySpec(
+        "groupnorm",
+        "Replace every BatchNorm (1d/2d/3d, SyncBatchNorm, Frozen, subclasses) by nn.GroupNorm. Default groups: the "
+        "largest divisor of C that is <= 32 and leaves >= 2 channels per group; 1 group on a 2-D (N, C) input "
+        "(pass example_inputs to prove a BatchNorm1d's rank)." + _SWAP_NOTE,
+        options={**_GROUP_OPTIONS, **_WS_OPTION},
+        torch_pass=_lazy("normfx.passes.fx.norm_swap:run_groupnorm"),
+        exact=False,
+    )
+)
+register_policy(
+    PolicySpec(
+        "layernorm",
+        "Replace every BatchNorm by LayerNorm in the Proxy Norm paper's sense: nn.GroupNorm(1, C), statistics over C "
+        "and the spatial axes, per-channel affine (channels-first; not nn.LayerNorm, which acts on the last axes)."
+        + _SWAP_NOTE,
+        options=dict(_WS_OPTION),
+        torch_pass=_lazy("normfx.passes.fx.norm_swap:run_layernorm"),
+        exact=False,
+    )
+)
+register_policy(
+    PolicySpec(
+        "instancenorm",
+        "Replace every BatchNorm by InstanceNorm as nn.GroupNorm(C, C): per-channel statistics over the spatial axes, "
+        "per-channel affine, the same in train and eval (unlike nn.InstanceNorm*); refused on 2-D (N, C) inputs, "
+        "where each group would hold one value." + _SWAP_NOTE,
+        options=dict(_WS_OPTION),
+        torch_pass=_lazy("normfx.passes.fx.norm_swap:run_instancenorm"),
+        exact=False,
+    )
+)
+register_policy(
+    PolicySpec(
+        "proxynorm",
+        "Proxy Norm: each BatchNorm → activation pair becomes norm (no affine) → ProxyNormAct(activation), whose "
+        "weight/bias start from the BN's gamma/beta (kept at the BN's path; the norm sits at '<bn>_norm'); a BN "
+        "without an activation after it becomes the norm with its affine; BN+activation subclasses give "
+        "ProxyNormAct(their activation). Default norm: GroupNorm with the largest divisor of C that is <= 4 "
+        "(>= 2 channels per group); 1 group on 2-D inputs. Needs torch.fx (untraceable parts are reported).",
+        options={
+            **_GROUP_OPTIONS,
+            "norm": Option("norm", str, "groupnorm", "the norm before ProxyNormAct: groupnorm or layernorm "
+                                                     "(GroupNorm with 1 group)"),
+            **_WS_OPTION,
+        },
+        torch_pass=_lazy("normfx.passes.fx.proxy_pairs:run"),
+        exact=False,
+    )
+)
+register_policy(
+    PolicySpec(
+        "weight_standardization",
+        "Turn every targeted Conv1d/2d/3d whose output feeds a GroupNorm (incl. those groupnorm/layernorm/"
+        "instancenorm/proxynorm create) into a StdConv (Weight Standardization; same weight/bias keys). Convs before "
+        "a BatchNorm are left alone: convert the BN first, or use ws=true on those policies. Entries are named by "
+        "the conv.",
+        options={"eps": Option("eps", float, 1e-6, "added to the variance of each output channel's weights")},
+        torch_pass=_lazy("normfx.passes.fx.weight_std:run"),
+        exact=False,
+    )
+)
