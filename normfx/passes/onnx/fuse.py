@@ -1,4 +1,5 @@
-"""Policy ``fuse`` on ONNX: fold every targeted BatchNormalization into an adjacent layer.
+"""Policy ``fuse`` on ONNX: fold every targeted BatchNormalization into an adjacent layer, evaluate the
+constant subgraphs, and fold the per-channel affines Proxy Norm / GroupNorm exports leave.
 
 For each BN (main graph, node order): read it (:mod:`.bn`; training mode, non-constant statistics →
 skipped with the reason), then try the rules — backward first (:mod:`.conv_bn`, :mod:`.gemm_bn`:
@@ -8,6 +9,15 @@ open new folds (``BN → BN → Conv``), so rounds repeat until nothing changes.
 kept (:mod:`.standalone_bn`) and reported with every rule's reason. BNs inside subgraphs (If/Loop/Scan
 bodies) and local functions are reported skipped.
 
+Then :mod:`.constant_subgraph` replaces every node computed from constants only (Proxy Norm's proxy
+statistics, a StdConv's standardized kernel) by initializers, and :mod:`.affine_fold` runs the affine
+rules on each ``Mul``/``Add``/``Sub``/``Div``-by-constant chain: into the normalization before it
+(:mod:`.norm_affine`), into the layers after it (:mod:`.affine_conv`, the BN forward rules reused),
+past an average pooling (:mod:`.affine_pool`), or merged into one Mul + Add (:mod:`.affine_merge`).
+The three families repeat until none changes the graph (a kernel evaluated lets a BN fold into it).
+Their entries come after the BN entries: ``applied`` with what was done, ``kept`` with the reasons
+(never ``skipped``: they are not the BatchNorms the policy targets, so ``strict`` ignores them).
+
 Options: ``forward`` (default true) enables the forward rules. ``duplicate_shared`` (default true):
 a folded layer always gets new initializers, so a weight other nodes also read is never edited;
 with ``duplicate_shared=false`` such a fold is refused instead (reported with the reason).
@@ -15,7 +25,6 @@ with ``duplicate_shared=false`` such a fold is refused instead (reported with th
 ``ctx.dry_run`` (explain) runs the same rounds on the private graph but returns the model untouched,
 so ``explain`` reports exactly what ``rewrite`` does.
 """
-
 from __future__ import annotations
 
 import logging
@@ -24,13 +33,14 @@ from typing import Any, Callable
 import onnx
 
 from ...errors import RewriteError
-from ...report import APPLIED, SKIPPED
-from . import bn_conv, bn_gemm, conv_bn, gemm_bn, standalone_bn
+from ...report import APPLIED, KEPT, SKIPPED
+from . import bn_conv, bn_gemm, constant_subgraph, conv_bn, gemm_bn, standalone_bn
+from .affine_fold import AffineRules
 from .bn import BnSite, read_bn
-from .chain import walk_down
+from .forward import applied_details, plan_forward
 from .io import batchnorm_nodes, name_batchnorm_nodes
 from .rule import Decline, Fold, FoldOptions
-from .workspace import Workspace, node_label
+from .workspace import Workspace
 
 __all__ = ["run"]
 
@@ -52,49 +62,8 @@ def _backward(site: BnSite, ws: Workspace, options: FoldOptions) -> Fold | list[
 
 
 def _forward(site: BnSite, ws: Workspace, options: FoldOptions) -> Fold | list[Decline]:
-    """Fold into *every* consumer of the BN output, or into none."""
-    y = site.y
-    consumers = ws.data_consumers(y)
-    if not consumers:
-        return []
-    if ws.is_graph_output(y):
-        return [Decline("forward", f"the BatchNormalization output {y.name!r} is a graph output; not folded forward")]
-    inside = [c for c in consumers if not ws.in_main_graph(c)]
-    if inside:
-        where = node_label(inside[0])
-        reason = f"the BatchNormalization output {y.name!r} is read inside a subgraph ({where}); not folded forward"
-        return [Decline("forward", reason)]
-    plans: list[Fold] = []
-    for consumer in consumers:
-        walked = walk_down(y, consumer, ws)
-        if isinstance(walked, str):
-            return [Decline("forward", walked)]
-        target, tin, chain = walked
-        result: Fold | Decline | None = None
-        for find in _FORWARD:
-            result = find(site, ws, target, tin, chain, options=options)
-            if result is not None:
-                break
-        if result is None:
-            if len(consumers) == 1:
-                return []
-            reason = f"the BatchNormalization output also feeds {node_label(target)}, which it cannot be folded into"
-            return [Decline("forward", reason)]
-        if isinstance(result, Decline):
-            return [result]
-        plans.append(result)
-
-    def apply() -> None:
-        for plan in plans:
-            plan.apply()
-        ws.remove(site.node)
-
-    first = plans[0]
-    details = dict(first.details)
-    if len(plans) > 1:
-        details["into"] = [p.details.get("into") for p in plans]
-        details["pattern"] = [p.details.get("pattern") for p in plans]
-    return Fold(first.rule, ", ".join(p.into for p in plans), apply, details, parts=plans)
+    """Fold into *every* consumer of the BN output, or into none (:func:`.forward.plan_forward`)."""
+    return plan_forward(site, ws, _FORWARD, options, noun="BatchNormalization", remove=lambda: ws.remove(site.node))
 
 
 def _applied_reason(fold: Fold) -> str:
@@ -105,22 +74,15 @@ def _applied_reason(fold: Fold) -> str:
 
 def _finish_details(fold: Fold) -> dict[str, Any]:
     """The report details of an applied fold (its parts fill in theirs while applying)."""
-    details = dict(fold.details)
-    plans = fold.parts
-    if len(plans) == 1:
-        details.update({k: v for k, v in plans[0].details.items() if k not in details})
-    elif plans:
-        added = [p.details["added"] for p in plans if "added" in p.details]
-        if added:
-            details["added"] = added
+    details = applied_details(fold)
     details["fold"] = fold.rule
     return details
 
 
 def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
-    """Fold the BatchNormalization nodes ``ctx`` targets; returns a new ModelProto (or ``model`` when
-    nothing changed or ``ctx.dry_run``). Options: ``forward``, ``duplicate_shared``, ``border_correction``
-    (see the policy)."""
+    """Fold the BatchNormalization nodes ``ctx`` targets, the constant subgraphs and the per-channel affine
+    chains; returns a new ModelProto (or ``model`` when nothing changed). Options: ``forward``,
+    ``duplicate_shared``, ``border_correction`` (see the policy)."""
     forward = bool(ctx.option("forward"))
     options = FoldOptions(bool(ctx.option("duplicate_shared")), bool(ctx.option("border_correction")))
     name_batchnorm_nodes(model)
@@ -137,30 +99,44 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
         else:
             main.append(name)
 
-    ws: Workspace | None = None
-    if main:
-        ws = Workspace(model)
-        by_name = {
-            n.name: n for n in ws.graph.nodes if n.op == "BatchNormalization" and n.domain in (None, "", "ai.onnx")
-        }
-        pending: list[BnSite] = []
-        for name in main:
-            site = read_bn(by_name[name], name, ws)
-            if isinstance(site, str):
-                decisions[name] = (SKIPPED, site, {})
-            else:
-                pending.append(site)
+    ws = Workspace(model)
+    by_name = {n.name: n for n in ws.graph.nodes if n.op == "BatchNormalization" and n.domain in (None, "", "ai.onnx")}
+    pending: list[BnSite] = []
+    for name in main:
+        site = read_bn(by_name[name], name, ws)
+        if isinstance(site, str):
+            decisions[name] = (SKIPPED, site, {})
+        else:
+            pending.append(site)
+    constants: dict[str, constant_subgraph.Outcome] = {}
+    affine = AffineRules(ws, options, forward=forward, targets=ctx.targets)
+    while True:  # each family can open folds for the others (a StdConv weight evaluated, then a BN folds)
         declines = _rounds(pending, ws, forward, options, decisions)
-        for site in pending:
-            reason = standalone_bn.reason(site, declines.get(site.name, []), ws, forward=forward)
-            decisions[site.name] = (SKIPPED, reason, {})
+        changed = False
+        for outcome in constant_subgraph.run(ws, ctx.targets):
+            changed |= outcome.folded
+            if not (outcome.name in constants and constants[outcome.name].folded):
+                constants[outcome.name] = outcome
+        changed |= affine.run()
+        if not changed:
+            break
+    for site in pending:
+        reason = standalone_bn.reason(site, declines.get(site.name, []), ws, forward=forward)
+        decisions[site.name] = (SKIPPED, reason, {})
 
     for loc in locations:
         name = loc.node.name
         if name in decisions:
             status, reason, details = decisions[name]
             ctx.report.add(name, ctx.rule, status, reason, **details)
-    if ws is None or not ws.changed:  # explain too returns the rewritten (private) copy: later steps see it
+    for outcome in constants.values():
+        status = APPLIED if outcome.folded else KEPT
+        ctx.report.add(outcome.name, ctx.rule, status, outcome.reason, fold=constant_subgraph.RULE, **outcome.details)
+    for entry in affine.entries.values():
+        status = APPLIED if entry.folded else KEPT
+        fold = entry.rules[-1] if entry.rules else "affine"
+        ctx.report.add(entry.name, ctx.rule, status, entry.reason, fold=fold, **entry.details)
+    if not ws.changed:  # explain too returns the rewritten (private) copy: later steps see it
         return model
     return ws.export()
 
