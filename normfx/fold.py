@@ -515,3 +515,154 @@ def unfold_bn_params(
     }
     copy = weight.detach().clone() if isinstance(weight, torch.Tensor) else weight.copy()
     return copy, bn
+
+
+# ----------------------------------------------------------------------------------------------
+# batch-independent layers in eval mode: Proxy Norm and Weight Standardization
+
+
+def proxy_norm_moments(layer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, inv_std)`` (float64 numpy, one value per channel) of a ``ProxyNormAct``'s proxy statistics.
+
+    The layer's own :meth:`proxy_moments` runs on a float64 copy (quantiles recomputed in float64, the
+    activation evaluated in float64), so the recipe is never restated here; ``inv_std = 1 / sqrt(var + eps)``.
+    In eval mode ``layer(y) == inv_std * (φ(weight * y + bias) - mean)`` per channel. Raises
+    :class:`RewriteError` on non-finite statistics.
+    """
+    import copy
+
+    twin = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        mean, var = twin.proxy_moments()
+    m = _f64(mean, "proxy mean")
+    v = _f64(var, "proxy variance")
+    eps = float(layer.eps)
+    if m.ndim != 1 or v.shape != m.shape:
+        raise RewriteError(f"proxy moments must be two (C,) vectors, got shapes {m.shape} and {v.shape}")
+    if not (np.all(np.isfinite(m)) and np.all(np.isfinite(v))) or np.any(v + eps <= 0):
+        raise RewriteError("the proxy statistics are not finite (NaN/inf parameters or activation): cannot fold them")
+    return m, 1.0 / np.sqrt(v + eps)
+
+
+class ProxyNormSplit:
+    """A ProxyNormAct in eval mode as ``post(φ'(pre(y)))``, per channel, float64 arrays:
+
+    - ``pre(y) = y * pre_scale + pre_shift``;
+    - ``φ'`` is the layer's activation, or ``clamp(·, lower, upper)`` when ``lower``/``upper`` are set;
+    - ``post(z) = (z + offset) * scale`` (equivalently ``z * scale + shift`` with ``shift = offset * scale``).
+    """
+
+    def __init__(self, pre_scale, pre_shift, offset, scale, lower=None, upper=None) -> None:
+        self.pre_scale, self.pre_shift, self.offset, self.scale = pre_scale, pre_shift, offset, scale
+        self.lower, self.upper = lower, upper
+
+    @property
+    def shift(self) -> np.ndarray:
+        return self.offset * self.scale
+
+    @property
+    def post_is_identity(self) -> bool:
+        return bool(np.all(self.offset == 0) and np.all(self.scale == 1))
+
+    @property
+    def post_has_scale(self) -> bool:
+        return not bool(np.all(self.scale == 1))
+
+    def __repr__(self) -> str:
+        return (f"ProxyNormSplit(channels={len(self.scale)}, clamp={self.lower is not None}, "
+                f"post_scale={self.post_has_scale}, post_offset={bool(np.any(self.offset != 0))})")
+
+
+def split_proxy_norm(weight: Any, bias: Any, mean: Any, inv_std: Any, *, move_scale: bool = False,
+                     unit_offset: bool = False, bounds: tuple[float, float] | None = None,
+                     absorb_offset: bool = False) -> ProxyNormSplit:
+    """Rewrite ``inv_std * (φ(weight * y + bias) - mean)`` as a :class:`ProxyNormSplit`, exactly.
+
+    - Default: ``pre = (weight, bias)``, ``post = (z - mean) * inv_std``.
+    - ``move_scale`` (φ positively homogeneous, ``φ(k x) = k φ(x)`` for ``k > 0``: ReLU, LeakyReLU, PReLU, and
+      clamps with scaled bounds): ``inv_std`` (always > 0) moves before φ, ``pre = inv_std * (weight, bias)``,
+      ``post = z - mean * inv_std``.
+    - ``unit_offset`` (φ positively homogeneous, every ``mean > 0``; excludes ``move_scale``): ``1 / mean`` moves
+      before φ instead and ``mean`` joins the post scale, ``pre = (weight, bias) / mean``,
+      ``post = (z - 1) * mean * inv_std``: the same offset, -1, in every channel. With a ReLU and
+      ``absorb_offset`` the activation becomes ``clamp(x, min=-1)`` — one scalar bound — and only the scale
+      ``mean * inv_std`` is left after it (for the next layer's input channels).
+    - ``bounds=(lo, hi)`` says φ is ``clamp(x, lo, hi)`` (ReLU: ``(0, inf)``, ReLU6: ``(0, 6)``); the bounds
+      follow the moved scale. ``absorb_offset`` (needs ``bounds``) moves the post offset into the clamp:
+      ``clamp(x, lo, hi) + o = clamp(x + o, lo + o, hi + o)``, so nothing but a scale (or nothing at all,
+      with ``move_scale``) is left after the activation.
+    """
+    m = _f64(mean, "proxy mean")
+    if m.ndim != 1:
+        raise RewriteError(f"proxy mean must be 1-D (C,), got shape {tuple(m.shape)}")
+    c = m.shape[0]
+    s = _vector(inv_std, c, "proxy inv_std")
+    w = _vector(weight, c, "ProxyNormAct weight")
+    b = _vector(bias, c, "ProxyNormAct bias")
+    offset = -m
+    lower = upper = None
+    if bounds is not None:
+        lo, hi = float(bounds[0]), float(bounds[1])
+        if not lo <= hi:
+            raise RewriteError(f"clamp bounds must satisfy lower <= upper, got {bounds}")
+        lower, upper = np.full(c, lo), np.full(c, hi)
+    if move_scale:
+        if not np.all(s > 0) or not np.all(np.isfinite(s)):
+            raise RewriteError("the proxy scale must be finite and > 0 to move before a homogeneous activation")
+        w, b, offset = w * s, b * s, offset * s
+        if lower is not None:
+            lower, upper = lower * s, upper * s
+        s = np.ones(c)
+    if unit_offset:
+        if move_scale:
+            raise RewriteError("move_scale and unit_offset exclude each other")
+        if not np.all(m > 0) or not np.all(np.isfinite(m)):
+            raise RewriteError("unit_offset needs a finite proxy mean > 0 in every channel")
+        w, b, offset, s = w / m, b / m, np.full(c, -1.0), s * m
+        if lower is not None:
+            lower, upper = lower / m, upper / m
+    if absorb_offset:
+        if lower is None:
+            raise RewriteError("absorb_offset needs bounds: only a clamp activation absorbs an offset")
+        b, lower, upper = b + offset, lower + offset, upper + offset
+        offset = np.zeros(c)
+    return ProxyNormSplit(w, b, offset, s, lower, upper)
+
+
+def fold_affine_into_norm(weight: Any, bias: Any, scale: Any, shift: Any, *, shape: Sequence[int],
+                          like: Any) -> tuple[Any, Any]:
+    """A normalization's output affine ``x̂ * weight + bias`` followed by the per-channel ``y * scale + shift``,
+    as one affine ``x̂ * weight' + bias'``; returns ``(weight', bias')`` in ``like``'s kind, dtype and device.
+
+    ``shape`` is the affine's shape, its axis 0 the channel: ``(C,)`` for GroupNorm, ``normalized_shape``
+    ``(C, *spatial)`` for a LayerNorm over a channels-first tensor. ``weight``/``bias`` ``None`` mean 1 and 0
+    (a norm without affine). Exact: ``(x̂ w + b) s + t = x̂ (w s) + (b s + t)``.
+    """
+    shape = tuple(int(d) for d in shape)
+    if not shape:
+        raise RewriteError("the norm's affine shape must have at least the channel axis")
+    c = shape[0]
+    s = _vector(scale, c, "affine scale")
+    t = _vector(shift, c, "affine shift")
+    w = np.ones(shape) if weight is None else _f64(weight, "norm weight")
+    b = np.zeros(shape) if bias is None else _f64(bias, "norm bias")
+    if w.shape != shape or b.shape != shape:
+        raise RewriteError(f"norm weight/bias have shapes {w.shape}/{b.shape}, expected {shape}")
+    s_b, t_b = per_channel(s, len(shape), 0), per_channel(t, len(shape), 0)
+    return _like(w * s_b, like), _like(b * s_b + t_b, like)
+
+
+def std_conv_weight(layer: Any) -> Any:
+    """The standardized kernel of a StdConv (Weight Standardization) in its weight's dtype and device: the
+    layer's own :meth:`standardized_weight` evaluated on a float64 copy, rounded once."""
+    import copy
+
+    twin = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        value = _f64(twin.standardized_weight(), "standardized weight")
+    if not np.all(np.isfinite(value)):
+        raise RewriteError("the standardized weight is not finite: cannot fold the StdConv")
+    return _like(value, layer.weight.detach())
+
+
+__all__ += ["proxy_norm_moments", "ProxyNormSplit", "split_proxy_norm", "fold_affine_into_norm", "std_conv_weight"]

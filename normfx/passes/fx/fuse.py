@@ -1,9 +1,14 @@
-"""Policy ``fuse`` on torch models: fold every BatchNorm into an adjacent Conv/ConvTranspose/Linear.
+"""Policy ``fuse`` on torch models: fold every BatchNorm into an adjacent Conv/ConvTranspose/Linear, and the
+eval-mode constants of the batch-independent layers: StdConv → plain conv, ProxyNormAct → its statistics folded.
 
-For each BN call in each traceable part of the model: the backward rule (layer → BN) first, then
-the forward rule (BN → layer, option ``forward``). A BN neither rule takes is reported with both
-reasons; a BN inside a part torch.fx cannot trace is reported with that reason. ``explain`` runs
-this same code on a private copy, so its report is exactly what ``rewrite`` does.
+In each traceable part of the model: every StdConv in eval first becomes the plain conv holding its
+standardized kernel (:mod:`.std_conv_fold`), so the folds below see it as a conv. Then for each BN call: the
+backward rule (layer → BN) first, then the forward rule (BN → layer, option ``forward``). A BN neither rule
+takes is reported with both reasons. Then each ProxyNormAct call in eval (:mod:`.proxy_norm_fold`): its
+pre-affine into the GroupNorm before it, its post-affine into the next layer or the activation, what is left
+reported with the reason. A layer inside a part torch.fx cannot trace is reported with that reason (a StdConv
+there is still swapped: it needs no neighbours). ``explain`` runs this same code on a private copy, so its
+report is exactly what ``rewrite`` does.
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ from collections import Counter
 
 from torch import fx, nn
 
-from ...layers import is_batchnorm
+from ...layers import ProxyNormAct, StdConv, is_batchnorm
 from ...report import APPLIED, SKIPPED
-from . import backward_fold, forward_fold
+from . import backward_fold, forward_fold, proxy_norm_fold, std_conv_fold
+from .call_shapes import CallShapes
 from .graph_state import GraphState
 from .ownership import Ownership
 from .patterns import find_bn_sites
-from .shapes import ShapeRecorder
 from .tracing import TracedPart, rewrite_traceable_parts
 
 __all__ = ["run"]
@@ -27,18 +32,37 @@ __all__ = ["run"]
 log = logging.getLogger(__name__)
 
 
+def _wanted(module: nn.Module) -> bool:
+    return is_batchnorm(module) or isinstance(module, (ProxyNormAct, StdConv))
+
+
+def _single_layer(model: nn.Module, ctx) -> nn.Module:
+    """The model is itself one BatchNorm, StdConv or ProxyNormAct."""
+    if isinstance(model, StdConv) and ctx.targets(""):
+        why = std_conv_fold.check(model)
+        if not why:
+            conv = std_conv_fold.plain_conv(model)  # new tensors throughout: the caller's model is not touched
+            ctx.report.add("", ctx.rule, APPLIED, f"{type(model).__name__} → {type(conv).__name__} holding the "
+                           "standardized weight", source=type(model).__name__, result=type(conv).__name__)
+            return conv
+        ctx.report.add("", ctx.rule, SKIPPED, why)
+    elif ctx.targets(""):
+        what = "BatchNorm" if is_batchnorm(model) else "ProxyNormAct"
+        ctx.report.add("", ctx.rule, SKIPPED, f"the model is a single {what}: there is no layer to fold it into")
+    return model if ctx.owns_model else Ownership(model, False).private(model)
+
+
 def run(model: nn.Module, ctx) -> nn.Module:
-    if is_batchnorm(model):
-        if ctx.targets(""):
-            ctx.report.add("", ctx.rule, SKIPPED, "the model is a single BatchNorm: there is no layer to fold it into")
-        return model if ctx.owns_model else Ownership(model, False).private(model)
-    shapes = ShapeRecorder(model, ctx.example_inputs)  # runs the example inputs only if a rule asks
+    if _wanted(model):
+        return _single_layer(model, ctx)
+    shapes = CallShapes(model, ctx.example_inputs)  # runs the example inputs only if a rule asks
     ownership = Ownership(model, ctx.owns_model)
     paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     aliased = {key for key, count in paths.items() if count > 1}
     untraceable: list[tuple[str, str]] = []
     handled: set[str] = set()
-    targeted_modules = [n for n, m in model.named_modules() if is_batchnorm(m) and ctx.targets(n)]
+    targeted_modules = [n for n, m in model.named_modules() if _wanted(m) and ctx.targets(n)]
+    kinds = {n: type(m) for n, m in model.named_modules() if _wanted(m)}
 
     def report(name: str, status: str, reason: str = "", **details) -> None:
         handled.add(name)
@@ -47,6 +71,16 @@ def run(model: nn.Module, ctx) -> nn.Module:
     def rewrite_graph(part: TracedPart) -> fx.GraphModule:
         state = GraphState(part, shapes, ctx.option("duplicate_shared"), ownership, ctx.option("border_correction"),
                            aliased)
+        for target in std_conv_fold.find_sites(state.gm):
+            name = part.qualified(target)
+            if not ctx.targets(name):
+                continue
+            why = std_conv_fold.check(state.gm.get_submodule(target))
+            if why:
+                report(name, SKIPPED, why)
+                continue
+            details = std_conv_fold.apply(state, target)
+            report(name, APPLIED, f"{details['source']} → {details['result']} holding the standardized weight", **details)
         pending = []
         for site in find_bn_sites(state.gm, part.qualified):
             if not ctx.targets(site.name):
@@ -68,14 +102,54 @@ def run(model: nn.Module, ctx) -> nn.Module:
                 report(site.name, APPLIED, **forward_fold.apply(state, site, layer_node))
             else:
                 report(site.name, SKIPPED, f"{why_backward}; {why_forward}")
+        folded: set[str] = set()
+        for pn in proxy_norm_fold.find_sites(state.gm, part.qualified):
+            if not ctx.targets(pn.name):
+                continue
+            if pn.reason:
+                report(pn.name, SKIPPED, pn.reason)
+                continue
+            applied, reason, details = proxy_norm_fold.fold_site(state, pn, forward=ctx.option("forward"))
+            report(pn.name, APPLIED if applied else SKIPPED, reason, **details)
+            if applied:
+                folded.add(pn.target)
+        proxy_norm_fold.finish(state, folded)
         return state.finish()
 
     result = rewrite_traceable_parts(model, rewrite_graph, lambda path, why: untraceable.append((path, why)),
-                                     make_private=ownership.private)
+                                     make_private=ownership.private, wanted=_wanted)
     result = ownership.finish(result)
     for name in targeted_modules:
-        if name not in handled:
-            owner = max((p for p, _ in untraceable if name.startswith(p + ".") or p == ""), key=len, default=None)
-            where = f"'{owner}'" if owner else "its parent"
+        if name in handled:
+            continue
+        owner = max((p for p, _ in untraceable if name.startswith(p + ".") or p == ""), key=len, default=None)
+        where = f"'{owner}'" if owner else "its parent"
+        if issubclass(kinds[name], StdConv):
+            _swap_untraced_std_conv(result, name, where, report)
+        elif issubclass(kinds[name], ProxyNormAct):
+            report(name, SKIPPED, f"{where} cannot be traced by torch.fx, so the ProxyNormAct's neighbours are unknown"
+                   if owner is not None else "never called by the model's forward (torch.fx found no call of it)")
+        else:
             report(name, SKIPPED, f"{where} cannot be traced by torch.fx, so the BN's neighbours are unknown")
     return result
+
+
+def _swap_untraced_std_conv(result: nn.Module, name: str, where: str, report) -> None:
+    """A StdConv torch.fx did not see: swapped as a module (the result is private by now)."""
+    try:
+        module = result.get_submodule(name)
+    except AttributeError:
+        report(name, SKIPPED, "never called by the model's forward (torch.fx found no call of it)")
+        return
+    if not isinstance(module, StdConv):
+        report(name, SKIPPED, f"{type(module).__name__} at this path is not a StdConv any more")
+        return
+    why = std_conv_fold.check(module)
+    if why:
+        report(name, SKIPPED, why)
+        return
+    conv = std_conv_fold.plain_conv(module)
+    result.set_submodule(name, conv)
+    report(name, APPLIED, f"{type(module).__name__} → {type(conv).__name__} holding the standardized weight "
+                          f"(swapped as a module: {where} cannot be traced by torch.fx, so no fold uses its neighbours)",
+           source=type(module).__name__, result=type(conv).__name__, ws_eps=module.ws_eps)

@@ -9,7 +9,7 @@ from typing import Callable
 
 from torch import fx, nn
 
-from ...layers import is_batchnorm
+from ...layers import ProxyNormAct, StdConv, is_batchnorm
 
 __all__ = ["NormTracer", "TracedPart", "rewrite_traceable_parts"]
 
@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class NormTracer(fx.Tracer):
-    """torch.fx tracer that keeps BatchNorm-like modules (subclasses included) as leaves, and any
-    module listed in ``opaque``; remembers the innermost module whose forward raised."""
+    """torch.fx tracer that keeps BatchNorm-like modules (subclasses included), ProxyNormAct and StdConv
+    (whose eval-mode constants ``fuse`` folds) as leaves, and any module listed in ``opaque``; remembers the
+    innermost module whose forward raised."""
 
     def __init__(self, opaque: set[str] | None = None) -> None:
         super().__init__()
@@ -26,7 +27,8 @@ class NormTracer(fx.Tracer):
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_batchnorm(m) or module_qualified_name in self.opaque or super().is_leaf_module(m, module_qualified_name)
+        return (is_batchnorm(m) or isinstance(m, (ProxyNormAct, StdConv)) or module_qualified_name in self.opaque
+                or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m, forward, args, kwargs):
         try:
