@@ -47,7 +47,9 @@ register_policy(
 register_policy(
     PolicySpec(
         "fuse",
-        "Fold BatchNorm into the adjacent Conv/ConvTranspose/Linear (before or after it) for inference.",
+        "Fold BatchNorm into the adjacent Conv/ConvTranspose/Linear (before or after it) for inference; also fold "
+        "ProxyNormAct's constant statistics and affines, StdConv kernels, and (ONNX) constant subgraphs and "
+        "per-channel Mul/Add chains.",
         options={
             "forward": Option("forward", bool, True, "also fold a BN into the conv/linear that follows it"),
             "duplicate_shared": Option(
