@@ -5,8 +5,8 @@ affine (``Mul γ``, ``Add β``), Proxy Norm's pre-affine (``Mul γ``, ``Add β``
 (``Sub m``, ``Mul s``) — whose constants broadcast against the data (``(1, C, 1, 1)``, ``(C, 1, 1)``,
 scalars). :func:`compose` turns such a chain into one ``(scale, shift)`` pair; the helpers below say
 whether that pair varies along one axis only (:func:`along_axis`), is constant within groups of
-channels (:func:`per_group`), and fold it into a normalization's own scale/bias
-(:func:`fold_into_scale_bias`) or split it for a padded conv (:func:`shift_before_scale`).
+channels (:func:`per_group`), or split it for a padded conv (:func:`shift_before_scale`). Folding it into a
+normalization's own scale/bias is :func:`normfx.fold.fold_affine_into_norm`, the one function both routes call.
 
 This module knows nothing about graphs (like :mod:`normfx.fold`); the ONNX passes call it.
 """
@@ -24,7 +24,6 @@ __all__ = [
     "along_axis",
     "is_identity",
     "per_group",
-    "fold_into_scale_bias",
     "shift_before_scale",
     "grows",
 ]
@@ -113,17 +112,6 @@ def per_group(vector: np.ndarray, groups: int) -> np.ndarray | None:
     if not np.all(table == table[:, :1]):
         return None
     return table[:, 0].copy()
-
-
-def fold_into_scale_bias(
-    scale: Any, bias: Any, s: Any, t: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(γ x̂ + β) * s + t = (γ s) x̂ + (β s + t)``: the new ``(γ', β')`` (float64, broadcast shapes).
-
-    ``bias`` may be None (zero)."""
-    g, k = _f64(scale), _f64(s)
-    b = np.zeros(()) if bias is None else _f64(bias)
-    return g * k, b * k + _f64(t)
 
 
 def shift_before_scale(scale: Any, shift: Any) -> np.ndarray | None:

@@ -630,26 +630,44 @@ def split_proxy_norm(weight: Any, bias: Any, mean: Any, inv_std: Any, *, move_sc
 
 
 def fold_affine_into_norm(weight: Any, bias: Any, scale: Any, shift: Any, *, shape: Sequence[int],
-                          like: Any) -> tuple[Any, Any]:
-    """A normalization's output affine ``x̂ * weight + bias`` followed by the per-channel ``y * scale + shift``,
-    as one affine ``x̂ * weight' + bias'``; returns ``(weight', bias')`` in ``like``'s kind, dtype and device.
+                          like: Any = None) -> tuple[Any, Any]:
+    """A normalization's output affine ``x̂ * weight + bias`` followed by the affine ``y * scale + shift``, as one
+    affine ``x̂ * weight' + bias'``. Exact: ``(x̂ w + b) s + t = x̂ (w s) + (b s + t)``, computed in float64.
 
-    ``shape`` is the affine's shape, its axis 0 the channel: ``(C,)`` for GroupNorm, ``normalized_shape``
-    ``(C, *spatial)`` for a LayerNorm over a channels-first tensor. ``weight``/``bias`` ``None`` mean 1 and 0
-    (a norm without affine). Exact: ``(x̂ w + b) s + t = x̂ (w s) + (b s + t)``.
+    ``shape`` is the shape of the norm's affine, its axis 0 the channel (or group): ``(C,)`` for a GroupNorm /
+    InstanceNorm, ``(G,)`` for a GroupNormalization-18 (per-group scale), ``normalized_shape`` ``(C, *spatial)``
+    for a LayerNorm over a channels-first tensor. ``scale``/``shift`` have that shape, or are ``(shape[0],)``
+    vectors along axis 0 (one value per channel). ``weight``/``bias`` ``None`` mean 1 and 0 (a norm without
+    affine); ``weight`` has ``shape``, ``bias`` broadcasts to it (an ONNX LayerNormalization's B may be smaller
+    than its scale). Returns ``(weight', bias')`` in ``like``'s kind, dtype and device; float64 numpy without ``like``.
+    Both routes call this: the torch route folding a ProxyNormAct's pre-affine, the ONNX route an elementwise
+    Mul/Add chain after a normalization.
     """
     shape = tuple(int(d) for d in shape)
     if not shape:
         raise RewriteError("the norm's affine shape must have at least the channel axis")
-    c = shape[0]
-    s = _vector(scale, c, "affine scale")
-    t = _vector(shift, c, "affine shift")
+    s = _along_channels(scale, shape, "affine scale")
+    t = _along_channels(shift, shape, "affine shift")
     w = np.ones(shape) if weight is None else _f64(weight, "norm weight")
     b = np.zeros(shape) if bias is None else _f64(bias, "norm bias")
-    if w.shape != shape or b.shape != shape:
+    try:
+        fits = w.shape == shape and np.broadcast_shapes(b.shape, shape) == shape
+    except ValueError:
+        fits = False
+    if not fits:
         raise RewriteError(f"norm weight/bias have shapes {w.shape}/{b.shape}, expected {shape}")
-    s_b, t_b = per_channel(s, len(shape), 0), per_channel(t, len(shape), 0)
-    return _like(w * s_b, like), _like(b * s_b + t_b, like)
+    new_weight, new_bias = w * s, b * s + t
+    if like is None:
+        return new_weight, new_bias
+    return _like(new_weight, like), _like(new_bias, like)
+
+
+def _along_channels(x: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``x`` (float64) of ``shape`` as is, or a ``(shape[0],)`` vector broadcasting along axis 0 of ``shape``."""
+    v = _f64(x, name)
+    if v.shape == shape:
+        return v
+    return per_channel(_vector(v, shape[0], name), len(shape), 0)
 
 
 def std_conv_weight(layer: Any) -> Any:

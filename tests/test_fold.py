@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from normfx.errors import RewriteError
 from normfx.fold import (
     bn_affine,
+    fold_affine_into_norm,
     fold_bn_after,
     fold_bn_before,
     is_uniform,
@@ -584,3 +585,51 @@ def test_layer_channels_and_per_channel():
     v = torch.arange(3.0)
     assert per_channel(v, 4, 1).shape == (1, 3, 1, 1)
     assert per_channel(v.numpy(), 3, 0).shape == (3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# a per-channel affine after a normalization (both routes: ProxyNormAct's pre-affine, ONNX Mul/Add chains)
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), per_channel_form=st.booleans(),
+       affine=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fold_affine_into_norm_is_the_composition(shape, per_channel_form, affine, seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(shape)
+    c = shape[0]
+    w = rng.uniform(-2, 2, shape) if affine else None
+    b = rng.normal(size=shape) if affine else None
+    s_vec, t_vec = rng.uniform(-2, 2, c), rng.normal(size=c)
+    s_full, t_full = (np.broadcast_to(per_channel(v, len(shape), 0), shape) for v in (s_vec, t_vec))
+    s, t = (s_vec, t_vec) if per_channel_form else (s_full, t_full)
+    new_w, new_b = fold_affine_into_norm(w, b, s, t, shape=shape)
+    assert new_w.dtype == np.float64 and new_w.shape == shape and new_b.shape == shape
+    x = rng.normal(size=(2, *shape))  # normalized values, the affine's shape trailing
+    ref = (x * (1.0 if w is None else w) + (0.0 if b is None else b)) * s_full + t_full
+    assert np.allclose(x * new_w + new_b, ref, rtol=FP64_TOL, atol=FP64_TOL)
+    # torch in / numpy in: the same bits, in the kind and dtype of ``like``
+    wt = None if w is None else torch.from_numpy(w).float()
+    bt = None if b is None else torch.from_numpy(b).float()
+    out_t = fold_affine_into_norm(wt, bt, s, t, shape=shape, like=torch.zeros(1))
+    out_n = fold_affine_into_norm(None if w is None else wt.numpy(), None if b is None else bt.numpy(), s, t,
+                                  shape=shape, like=np.zeros(1, np.float32))
+    for got_t, got_n in zip(out_t, out_n):
+        assert got_t.dtype == torch.float32 and got_n.dtype == np.float32
+        assert np.array_equal(got_t.numpy(), got_n)
+
+
+def test_fold_affine_into_norm_bias_broadcasts_and_bad_shapes_raise():
+    w, b = np.full((2, 3), 2.0), np.array([1.0, 2.0, 3.0])  # an ONNX LayerNormalization B smaller than its scale
+    new_w, new_b = fold_affine_into_norm(w, b, np.full((2, 3), 3.0), np.ones((2, 3)), shape=(2, 3))
+    assert np.array_equal(new_w, np.full((2, 3), 6.0)) and np.array_equal(new_b, np.tile([4.0, 7.0, 10.0], (2, 1)))
+    bad = [
+        lambda: fold_affine_into_norm(None, None, np.ones(3), np.zeros(3), shape=(2, 3)),  # not per channel
+        lambda: fold_affine_into_norm(np.ones(3), None, np.ones(2), np.zeros(2), shape=(2, 3)),  # weight too small
+        lambda: fold_affine_into_norm(None, np.ones(4), np.ones(2), np.zeros(2), shape=(2, 3)),
+        lambda: fold_affine_into_norm(None, None, np.ones(()), np.zeros(()), shape=()),
+    ]
+    for i, call in enumerate(bad):
+        with pytest.raises(RewriteError) as info:
+            call()
+        assert "\n" not in str(info.value), i

@@ -298,8 +298,21 @@ def test_residual_block(act, left):
     first, second = report.entries
     assert first.details["post"] == "Conv2d 'conv2'" and first.details["leftover_ops"] == 0
     assert second.details["leftover_ops"] == left
-    assert "an addition" in second.reason
+    assert "the ProxyNormAct output goes to an addition" in second.reason  # forward_fold's reason, its noun
+    assert "BN" not in second.reason
     assert _constant_nodes(_onnx(fused, x)) == []
+
+
+def test_linear_before_proxy_norm_reasons_name_the_proxy_norm():
+    """backward_fold's Linear-rank reasons for the pre-affine speak of the ProxyNormAct, not of a BN."""
+    model = _randomize(nn.Sequential(nn.Linear(8, 5), ProxyNormAct(5, nn.SiLU()), nn.Conv1d(5, 3, 1))).eval()
+    x = torch.randn(4, 5, 8)  # the ProxyNormAct's channel axis 1 holds the Linear's 5 positions, not its features
+    for example, words in ((x, "'0' gets a 3-D input: ProxyNormAct's channel axis 1 is not the Linear's features"),
+                           (None, "'0' is a Linear: a ProxyNormAct folds into it only when its input is 2-D")):
+        fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=example)
+        [entry] = report.entries
+        assert entry.status == "applied" and words in entry.details["pre"] and "BN" not in entry.reason
+        _assert_exact(model, fused, x)
 
 
 class _TwoBranches(nn.Module):

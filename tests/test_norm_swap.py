@@ -17,11 +17,10 @@ from torch import fx, nn
 import normfx
 from normfx import models
 from normfx.errors import PolicyError
-from normfx.layers import FrozenBatchNorm2d, is_batchnorm
+from normfx.layers import FrozenBatchNorm2d, GroupNormPost, is_batchnorm
 from normfx.layers.proxynorm import ProxyNormAct
 from normfx.layers.stdconv import StdConv, StdConv2d
 from normfx.models import BatchNormAct2d
-from normfx.passes.fx.norm_swap import GroupNormPost
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.Sigmoid, nn.Tanh)
 ACTIVATION_FUNCTIONS = (F.relu, torch.relu, F.silu, F.gelu, F.relu6, F.leaky_relu)
@@ -183,6 +182,19 @@ def test_affine_false_frozen_sync_and_3d_sources():
     out = normfx.rewrite(video, "proxynorm")
     x = torch.randn(2, 2, 4, 5, 5)
     assert torch.isfinite(out(x)).all() and proxy_calls(out) == 1
+
+
+def test_group_norm_post_is_group_norm_then_its_post_modules_with_their_keys():
+    norm = GroupNormPost(2, 4, 1e-3, post={"act": nn.PReLU(4), "drop": nn.Identity()})
+    assert isinstance(norm, nn.GroupNorm) and norm.post_names == ("act", "drop")
+    assert list(norm.state_dict()) == ["weight", "bias", "act.weight"]
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0), norm.bias.normal_(), norm.act.weight.uniform_(0.1, 0.3)
+    x = torch.randn(3, 4, 5)
+    ref = norm.act(F.group_norm(x, 2, norm.weight, norm.bias, 1e-3))
+    assert torch.equal(norm(x), ref)
+    plain = GroupNormPost(1, 4, affine=False)
+    assert plain.post_names == () and not list(plain.state_dict())
 
 
 def test_bn_act_subclass_keeps_its_activation():

@@ -322,6 +322,38 @@ def test_bn_padded_conv_dynamic_spatial_is_skipped():
     assert "zero-padded" in entry.reason and "not static" in entry.reason and "kept" in entry.reason
 
 
+@pytest.mark.parametrize("transpose,attrs", [
+    (False, {"pads": [1, 1, 1, 1]}),
+    (False, {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    (True, {"strides": [2, 2], "pads": [1, 0, 1, 1]}),
+    (True, {"output_shape": [11, 12], "strides": [2, 2]}),
+])
+def test_bn_with_zero_shift_folds_into_a_padded_layer_of_any_input_shape(transpose, attrs):
+    # β = mean · γ / sqrt(var + eps) exactly (here both 0): the BN is a pure per-channel scale, so nothing
+    # reaches the borders and the fold is exact with any padding, input shape and ConvTranspose attributes.
+    # γ and var stay randomized (negative scales included); the layer has no bias, and gets none.
+    b = Builder(29)
+    x = b.input("x", ["N", 4, "H", "W"])
+    stats = bn_stats(b.rng, 4)
+    params = [b.init(f"bn.{k}", v) for k, v in (("scale", stats["scale"]), ("B", np.zeros(4, np.float32)),
+                                                ("mean", np.zeros(4, np.float32)), ("var", stats["var"]))]
+    y = b.node("BatchNormalization", [x, *params], name="bn")
+    b.output(b.conv(y, 4, 6, 3, transpose=transpose, bias=False, name="conv", **attrs))
+    model = b.model()
+    feeds = {"x": b.rng.normal(0.3, 1.2, (2, 4, 5, 6)).astype(np.float32)}
+    out, report, _ = check(model, feeds)
+    entry = only(report, "applied")
+    assert entry.details["fold"] == "bn_conv" and entry.details["pattern"] == f"BatchNormalization→{b.nodes[-1].op_type}"
+    assert "shift" not in entry.details and [n.op_type for n in out.graph.node] == [b.nodes[-1].op_type]
+    assert len(out.graph.node[0].input) == 2  # no bias added
+    with_shift = onnx.ModelProto()
+    with_shift.CopyFrom(model)
+    next(t for t in with_shift.graph.initializer if t.name == "bn.B").CopyFrom(
+        numpy_helper.from_array(np.full(4, 0.5, np.float32), "bn.B"))
+    entry = only(unchanged(with_shift))  # the same layer with a shift: position-dependent, not computable
+    assert "BN shift" in entry.reason or "output_shape/auto_pad" in entry.reason
+
+
 def test_bn_conv_transpose_static():
     b = Builder(23)
     x = b.input("x", ["N", 4, 5, 6])

@@ -17,30 +17,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from onnx_graphs import FLOAT, Builder
+from test_fuse_proxynorm_fx import _constant_nodes as constant_nodes  # work that depends on no input
+from test_fuse_proxynorm_fx import _randomize as randomize  # ProxyNormAct and norm affines away from their init
 from test_onnx_passes import TOL, check, count, ort_run, rel
 from torch import nn
 
-from normfx.affine import compose, fold_into_scale_bias, per_group, shift_before_scale
+from normfx.affine import compose, per_group, shift_before_scale
 from normfx.engine import explain, rewrite_with_report
+from normfx.fold import fold_affine_into_norm
 from normfx.layers import ProxyNormAct, StdConv2d
 
 # ----------------------------------------------------------------------------------------------
 # helpers
-
-
-def computed_from_constants(model: onnx.ModelProto) -> list[str]:
-    """Nodes (other than Constant) whose inputs are all initializers / Constant outputs / such nodes' outputs."""
-    graph_inputs = {i.name for i in model.graph.input}
-    const = {t.name for t in model.graph.initializer if t.name not in graph_inputs}
-    found = []
-    for node in model.graph.node:
-        inputs = [i for i in node.input if i]
-        if node.op_type == "Constant":
-            const.update(node.output)
-        elif inputs and all(i in const for i in inputs):
-            found.append(f"{node.op_type} {node.name}")
-            const.update(node.output)
-    return found
 
 
 def by_fold(report) -> dict[str, list]:
@@ -52,23 +40,6 @@ def by_fold(report) -> dict[str, list]:
 
 def gnpn(c: int, act: nn.Module) -> nn.Sequential:
     return nn.Sequential(nn.GroupNorm(2, c, affine=False), ProxyNormAct(c, act))
-
-
-def randomize(net: nn.Module, seed: int = 0) -> nn.Module:
-    """ProxyNormAct γ, β, γ̃, β̃ all away from their init values; GroupNorm affines (where kept) too."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, ProxyNormAct):
-                c = m.num_channels
-                m.weight.copy_(torch.rand(c, generator=gen) * 1.5 + 0.4)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.5 + 0.2)
-                m.proxy_weight.copy_(torch.randn(c, generator=gen) * 0.3)
-                m.proxy_bias.copy_(torch.randn(c, generator=gen) * 0.3)
-            elif isinstance(m, nn.GroupNorm) and m.affine:
-                m.weight.copy_(torch.rand(m.num_channels, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_channels, generator=gen) * 0.5)
-    return net.eval()
 
 
 def export(net: nn.Module, x: torch.Tensor, exporter: str = "torchscript", opset: int = 17) -> onnx.ModelProto:
@@ -122,7 +93,7 @@ def test_gn_proxynorm_heads(head, act):
     torch.manual_seed(3)
     net = randomize(_Head(head, act))
     before, out, report = fuse_export(net, torch.randn(2, 3, 8, 8))
-    assert computed_from_constants(before) and not computed_from_constants(out)
+    assert constant_nodes(before) and not constant_nodes(out)
     ops = Counter(n.op_type for n in out.graph.node)
     silu = int(act == "silu")  # x * sigmoid(x)
     # the pre-affine (GN's Mul 1 / Add 0 and PN's Mul γ / Add β) merged into one Mul + one Add; the post-affine
@@ -192,7 +163,7 @@ def test_gn_proxynorm_resnet_block(exporter):
     torch.manual_seed(5)
     net = randomize(_ResNet())
     before, out, report = fuse_export(net, torch.randn(2, 3, 8, 8), exporter)
-    assert not computed_from_constants(out)
+    assert not constant_nodes(out)
     ops = Counter(n.op_type for n in out.graph.node)
     assert {k: ops[k] for k in RESNET_AFTER} == RESNET_AFTER, ops
     assert ops["Sqrt"] == ops["Div"] == ops["Cast"] == 0 and len(out.graph.node) < len(before.graph.node) / 2
@@ -216,7 +187,7 @@ def test_dynamo_exports(exporter):
     torch.manual_seed(6)
     net = randomize(_ResNet())
     _, out, report = fuse_export(net, torch.randn(2, 3, 8, 8), exporter)
-    assert not computed_from_constants(out)
+    assert not constant_nodes(out)
     ops = Counter(n.op_type for n in out.graph.node)
     assert {k: ops[k] for k in RESNET_AFTER} == RESNET_AFTER, ops
     assert not ops.keys() & {"Shape", "Expand", "CastLike", "Concat", "Range", "Sqrt", "Reciprocal", "Pow"}
@@ -233,7 +204,7 @@ def test_stdconv_then_batchnorm_folds_after_the_weight_is_evaluated():
         bn.bias.uniform_(-0.5, 0.5)
     net.eval()
     before, out, report = fuse_export(net, torch.randn(2, 3, 6, 6))
-    assert count(before) == 1 and not computed_from_constants(out)
+    assert count(before) == 1 and not constant_nodes(out)
     assert [n.op_type for n in out.graph.node] == ["Conv", "Relu", "Conv"]
     status = {e.name: e for e in report.entries}
     bn_entry = next(e for e in report.entries if e.details.get("fold") == "conv_bn")
@@ -494,6 +465,9 @@ def test_affine_conv(pads, static, border, partial):
     if partial:
         add = next(n for n in out.graph.node if n.op_type == "Add")
         assert next(n for n in out.graph.node if n.op_type == "Conv").input[0] == add.output[0]
+        declined = entry.details["steps"][0]["declined"]  # the full fold's reason, said of the affine
+        assert "zero-padded" in declined and "the affine shift" in declined
+        assert entry.reason.endswith(f"(what is left is kept: {declined})")
 
 
 def test_affine_conv_transpose_gemm_matmul():
@@ -520,11 +494,19 @@ def test_affine_conv_declines():
     zero = _affine(b, b.node("Relu", [x]), 4, name="zero", scale=[0.0, 1.0, 2.0, 1.0], shift=[1.0, 0.5, 0.0, 0.0])
     b.output(b.conv(zero, 4, 2, 3, name="c2", pads=[1, 1, 1, 1]))  # s = 0 where t != 0: no partial fold
     b.output(b.node("Conv", [x, _post_affine(b, b.weight("w", [2, 4, 1, 1]), 4, "weight")], name="c3"))
+    flat = b.node("Flatten", [b.node("GlobalAveragePool", [x])])
+    b.output(b.node("Gemm", [_affine(b, b.node("Relu", [flat]), 4, 2, name="ta"), b.weight("W", [4, 3])], name="g",
+                    transA=1))
     model = b.model()
     _, report = rewrite_with_report(model, "fuse")
     status = {e.name: e for e in report.entries}
+    assert status["shown.sub"].reason.startswith("the affine output ")
     assert "is a graph output; not folded forward" in status["shown.sub"].reason
-    assert "zero-padded" in status["zero.mul"].reason and status["zero.mul"].status == "kept"
+    assert "zero-padded: the affine shift is position-dependent" in status["zero.mul"].reason
+    assert status["zero.mul"].status == "kept"
+    assert "contracts over the affine's batch axis" in status["ta.mul"].reason
+    for entry in report.entries:  # the BN rules' checks, said of an affine (and no BN latency claim)
+        assert "BatchNormalization" not in entry.reason and "BN" not in entry.reason and "slower" not in entry.reason
     assert "weight.sub" not in status  # computed from constants: folded into the conv's weight instead
     assert status["weight.mul"].details["fold"] == "constant_subgraph"
 
@@ -602,7 +584,7 @@ def test_compose_matches_the_chain(ops, seed):
 def test_group_and_split_helpers():
     assert per_group(np.array([1.0, 1, 2, 2]), 2).tolist() == [1.0, 2.0]
     assert per_group(np.array([1.0, 2, 2, 2]), 2) is None and per_group(np.ones(3), 2) is None
-    g, bias = fold_into_scale_bias(np.array([2.0]), None, np.array([3.0]), np.array([1.0]))
+    g, bias = fold_affine_into_norm(np.array([2.0]), None, np.array([3.0]), np.array([1.0]), shape=(1,))
     assert g.tolist() == [6.0] and bias.tolist() == [1.0]
     assert shift_before_scale(np.array([2.0, 0.0]), np.array([1.0, 0.0])).tolist() == [0.5, 0.0]
     assert shift_before_scale(np.array([0.0]), np.array([1.0])) is None
@@ -610,15 +592,19 @@ def test_group_and_split_helpers():
         compose([("Div", 2.0, True)])
 
 
-def test_scale_only_affine_folds_into_a_padded_conv_of_any_input_shape():
+@pytest.mark.parametrize("transpose,attrs", [(False, {"pads": [1, 1, 1, 1]}),
+                                             (True, {"strides": [2, 2], "output_shape": [10, 13]})])
+def test_scale_only_affine_folds_into_a_padded_conv_of_any_input_shape(transpose, attrs):
     b = Builder(126)
     x = b.input("x", ["N", 4, "H", "W"])
     s = b.init("s", b.rng.uniform(0.5, 2.0, (1, 4, 1, 1)).astype(np.float32))
     y = b.node("Div", [b.node("Relu", [x]), s], name="div")
-    b.output(b.conv(y, 4, 3, 3, name="conv", pads=[1, 1, 1, 1]))
+    b.output(b.conv(y, 4, 3, 3, transpose=transpose, name="conv", **attrs))
     out, report, _ = check(b.model(), {"x": b.rng.normal(size=(2, 4, 5, 7)).astype(np.float32)})
-    assert [n.op_type for n in out.graph.node] == ["Relu", "Conv"]
-    assert report.entries[0].reason == "Div folded into the following Conv 'conv'"
+    op = "ConvTranspose" if transpose else "Conv"
+    assert [n.op_type for n in out.graph.node] == ["Relu", op]
+    assert report.entries[0].reason == f"Div folded into the following {op} 'conv'"
+    assert report.entries[0].details["steps"][0]["pattern"] == f"Div→{op}"
 
 
 def test_affine_moves_past_max_pooling_when_increasing():

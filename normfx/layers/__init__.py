@@ -12,6 +12,7 @@ from .frozen import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
 )
+from .groupnorm import GroupNormPost
 from .proxynorm import ProxyNormAct, param_groups, proxy_quantiles
 from .stdconv import StdConv, StdConv1d, StdConv2d, StdConv3d
 
@@ -24,6 +25,7 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "GroupNormPost",
     "is_batchnorm",
     "ProxyNormAct",
     "param_groups",

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .post import PostModules
+
 __all__ = [
     "FrozenBatchNorm",
     "FrozenBatchNorm1d",
@@ -143,20 +145,8 @@ class FrozenBatchNorm3d(FrozenBatchNorm):
     _expected_dims = (5,)
 
 
-class BatchNormPost:
+class BatchNormPost(PostModules):
     """Mixin: a trainable BN followed by ``post`` modules (what unfreezing a BN+act layer gives)."""
-
-    def __init__(self, num_features: int, *args, post: Mapping[str, nn.Module] | None = None, **kwargs) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        self.post_names = tuple(post or ())
-        for name, module in (post or {}).items():
-            self.add_module(name, module)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        for name in self.post_names:
-            y = getattr(self, name)(y)
-        return y
 
 
 class BatchNormPost1d(BatchNormPost, nn.BatchNorm1d):

@@ -15,11 +15,12 @@ from .patterns import BnSite, describe_node
 __all__ = ["check", "apply"]
 
 
-def check(state: GraphState, site: BnSite) -> tuple[fx.Node | None, str]:
-    """The layer node the BN folds into, or None and the reason it does not."""
+def check(state: GraphState, site: BnSite, noun: str = "BN") -> tuple[fx.Node | None, str]:
+    """The layer node the BN folds into, or None and the reason it does not (``noun`` names the folded affine in
+    the reason: a ProxyNormAct's pre-affine takes this same decision)."""
     source = site.input_node
     if not isinstance(source, fx.Node):
-        return None, "the BN input is a constant"
+        return None, f"the {noun} input is a constant"
     layer = state.layer(source)
     if layer is None:
         return None, f"input comes from {describe_node(state.gm, source)}, not a Conv/ConvTranspose/Linear"
@@ -31,9 +32,9 @@ def check(state: GraphState, site: BnSite) -> tuple[fx.Node | None, str]:
         return None, shared
     channels = layer.module.weight.shape[0] if layer.kind != "conv_transpose" else layer.module.weight.shape[1] * layer.groups
     if len(site.scale) != channels:
-        return None, f"BN has {len(site.scale)} channels but '{source.target}' produces {channels}"
+        return None, f"{noun} has {len(site.scale)} channels but '{source.target}' produces {channels}"
     if layer.kind == "linear":
-        reason = state.linear_rank_reason(layer.module, str(source.target))
+        reason = state.shapes.linear_rank_reason(layer.module, str(source.target), noun)
         if reason:
             return None, reason
     return source, ""

@@ -24,38 +24,42 @@ def _first_arg(node: fx.Node):
     return node.args[0] if node.args else node.kwargs.get("input")
 
 
-def check(state: GraphState, site: BnSite) -> tuple[fx.Node | None, str]:
+def check(state: GraphState, site: BnSite, noun: str = "BN") -> tuple[fx.Node | None, str]:
+    """The layer node the BN folds into, or None and the reason it does not (``noun`` names the folded affine in
+    the reason: a ProxyNormAct's post-affine takes this same decision)."""
     users = list(site.node.users)
     if len(users) != 1:
         names = ", ".join(describe_node(state.gm, u) for u in users) or "nothing"
-        return None, f"the BN output goes to {names}, not to a single Conv/Linear"
+        return None, f"the {noun} output goes to {names}, not to a single Conv/Linear"
     user = users[0]
     act = activation_name(state.gm, user)
     if act is not None:
-        return None, f"pre-activation pattern: BN → {act} → ...; the activation sits between BN and the next layer"
+        return None, (f"pre-activation pattern: {noun} → {act} → ...; the activation sits between {noun} and the "
+                      "next layer")
     layer = state.layer(user)
     if layer is None:
-        return None, f"the BN output goes to {describe_node(state.gm, user)}, not a Conv/ConvTranspose/Linear"
+        return None, f"the {noun} output goes to {describe_node(state.gm, user)}, not a Conv/ConvTranspose/Linear"
     if site.post:
-        return None, f"the BN applies {', '.join(site.post)} after normalizing, which cannot move into the next layer"
+        return None, (f"the {noun} applies {', '.join(site.post)} after normalizing, which cannot move into the "
+                      "next layer")
     if _first_arg(user) is not site.node:
-        return None, f"the BN output is not the input of '{user.target}'"
+        return None, f"the {noun} output is not the input of '{user.target}'"
     shared = state.shared_reason(user)
     if shared:
         return None, shared
     shape = state.input_shape(layer.module)
     if layer.kind == "linear":
-        reason = state.linear_rank_reason(layer.module, str(user.target))
+        reason = state.shapes.linear_rank_reason(layer.module, str(user.target), noun)
         if reason:
             return None, reason
     elif layer.zero_padded or layer.kind == "conv_transpose":
         what = "zero-padded conv" if layer.kind == "conv" else "ConvTranspose"
         if shape is None:
-            return None, (f"BN before a {what} '{user.target}': its shift is not a plain bias at the borders; "
+            return None, (f"{noun} before a {what} '{user.target}': its shift is not a plain bias at the borders; "
                           "pass example_inputs and border_correction=true to fold it exactly with a border correction")
         response = _shift_response(layer, site, shape)
         if not is_uniform(response) and not state.border_correction:
-            return None, (f"BN before a {what} '{user.target}': its shift is not a plain bias at the borders; "
+            return None, (f"{noun} before a {what} '{user.target}': its shift is not a plain bias at the borders; "
                           f"set border_correction=true to fold it exactly for input shape {list(shape)} only")
         state.responses[user] = response
     return user, ""

@@ -21,10 +21,10 @@ from torch import fx, nn
 from ...layers import ProxyNormAct, StdConv, is_batchnorm
 from ...report import APPLIED, SKIPPED
 from . import backward_fold, forward_fold, proxy_norm_fold, std_conv_fold
-from .call_shapes import CallShapes
 from .graph_state import GraphState
 from .ownership import Ownership
 from .patterns import find_bn_sites
+from .shapes import ShapeRecorder
 from .tracing import TracedPart, rewrite_traceable_parts
 
 __all__ = ["run"]
@@ -55,7 +55,9 @@ def _single_layer(model: nn.Module, ctx) -> nn.Module:
 def run(model: nn.Module, ctx) -> nn.Module:
     if _wanted(model):
         return _single_layer(model, ctx)
-    shapes = CallShapes(model, ctx.example_inputs)  # runs the example inputs only if a rule asks
+    # runs the example inputs only if a rule asks; ProxyNormAct calls for the rank of their leftover constants,
+    # StdConv calls since a StdConv becomes a plain conv whose input shape a forward fold may need
+    shapes = ShapeRecorder(model, ctx.example_inputs, kinds=(ProxyNormAct, StdConv))
     ownership = Ownership(model, ctx.owns_model)
     paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     aliased = {key for key, count in paths.items() if count > 1}

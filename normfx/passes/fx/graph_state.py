@@ -98,17 +98,6 @@ class GraphState:
         """The input shape ``module`` was called with (when example inputs were given and it was called once)."""
         return self.shapes.input_shape(module)
 
-    def linear_rank_reason(self, module: nn.Module, target: str) -> str:
-        """BatchNorm normalizes axis 1, a Linear acts on the last axis: they meet only on 2-D tensors,
-        which only example inputs can prove ("" when proven)."""
-        shape = self.input_shape(module)
-        if shape is None:
-            return (f"'{target}' is a Linear: a BN folds into it only when its input is 2-D (N, features); "
-                    "pass example_inputs to prove it")
-        if len(shape) != 2:
-            return f"'{target}' gets a {len(shape)}-D input: BatchNorm's axis 1 is not the Linear's features"
-        return ""
-
     def add_constant_after(self, node: fx.Node, value: torch.Tensor, base: str) -> fx.Node:
         """Insert ``node + constant`` (a new buffer) after ``node``; returns the add node."""
         name = self.fresh_name(base)

@@ -8,7 +8,7 @@ default and whose eval mode may use running statistics). The BN's ``eps`` and af
 ``bias`` copied; ``affine=False`` gives no affine), its running statistics are dropped, and the new module
 sits at the BN's path, so ``<bn>.weight``/``<bn>.bias`` keep their state_dict keys. A BN subclass that
 applies its own modules after normalizing (timm's ``BatchNormAct2d``: checked numerically) becomes
-:class:`GroupNormPost`, GroupNorm followed by those same modules (their keys kept too).
+:class:`~normfx.layers.GroupNormPost`, GroupNorm followed by those same modules (their keys kept too).
 
 The group count: ``groups=G`` or ``group_size=S`` (``G = C / S``), one of them; a channel count they do not
 divide is a :class:`~normfx.errors.PolicyError` naming the layer and the valid values. Default: the largest
@@ -38,14 +38,21 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ...errors import InputDataError, PolicyError
-from ...layers import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, is_batchnorm
+from ...layers import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    GroupNormPost,
+    is_batchnorm,
+)
 from ...report import APPLIED, SKIPPED
 from .graph_state import GraphState
 from .patterns import functional_name
 from .tracing import TracedPart, rewrite_traceable_parts
 
 __all__ = [
-    "GroupNormPost", "SwapOptions", "swap_options", "divisors", "choose_groups", "post_modules", "make_group_norm",
+    "SwapOptions", "swap_options", "divisors", "choose_groups", "post_modules", "make_group_norm",
     "norm_words", "copy_parameter", "Analysis", "analyze", "input_ranks", "run_groupnorm", "run_layernorm",
     "run_instancenorm",
 ]
@@ -58,24 +65,6 @@ FUNCTIONAL_REASON = ("functional batch_norm call: there is no module to replace;
                      "(F.group_norm) or make it a BatchNorm module")
 _BN_FUNCTIONS = (F.batch_norm, torch.batch_norm)
 _PROBE_TOLERANCE = 1e-6
-
-
-class GroupNormPost(nn.GroupNorm):
-    """``nn.GroupNorm`` followed by ``post`` modules (the activation a BN+act subclass carried), under their own
-    names, so that ``<layer>.weight``, ``<layer>.bias`` and ``<layer>.act.*`` keep their state_dict keys."""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
-                 post: Mapping[str, nn.Module] | None = None, device=None, dtype=None) -> None:
-        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
-        self.post_names = tuple(post or ())
-        for name, module in (post or {}).items():
-            self.add_module(name, module)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        for name in self.post_names:
-            y = getattr(self, name)(y)
-        return y
 
 
 # ---------------------------------------------------------------------------------------------------- options
@@ -259,7 +248,8 @@ def copy_parameter(source: torch.Tensor) -> nn.Parameter:
 def make_group_norm(bn: nn.Module, groups: int, affine: bool, post: Mapping[str, nn.Module] | None = None
                     ) -> nn.GroupNorm:
     """A GroupNorm with ``bn``'s channels and eps, its affine copied when ``affine`` (and the BN has one), followed by
-    ``post`` modules (:class:`GroupNormPost`) when given; same device, dtype and training mode as ``bn``."""
+    ``post`` modules (:class:`~normfx.layers.GroupNormPost`) when given; same device, dtype and training mode as
+    ``bn``."""
     dtype, device = bn_reference(bn)
     affine = affine and bn.weight is not None
     if post:

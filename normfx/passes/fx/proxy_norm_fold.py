@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +59,8 @@ from .patterns import BnSite, describe_node
 
 __all__ = ["PnSite", "find_sites", "fold_site", "finish", "activation_form", "TRAINING_REASON"]
 
+NOUN = "ProxyNormAct"
+"""What the BatchNorm fold rules' reasons call the folded affine when they decide for a ProxyNormAct's pieces."""
 TRAINING_REASON = ("ProxyNormAct is in training mode: its statistics are trained through "
                    "(call model.eval() to fold them for inference)")
 
@@ -119,12 +120,6 @@ def _input(node: fx.Node) -> Any:
     if node.args:
         return node.args[0]
     return node.kwargs.get("y", node.kwargs.get("input"))
-
-
-def _words(reason: str) -> str:
-    """forward_fold / backward_fold speak of a BN; here the constant affine is the ProxyNormAct's."""
-    reason = reason.replace("BatchNorm's axis 1", "ProxyNormAct's channel axis 1")
-    return re.sub(r"\bBN\b", "the affine", re.sub(r"\b[Tt]he BN\b", "the affine", reason))
 
 
 def _pre_probe(x):  # placeholder targets while deciding; never left in a graph
@@ -244,11 +239,9 @@ def _norm_before(state: GraphState, pre: fx.Node, channels: int, rank: int | Non
 
 def _rank(state: GraphState, site: PnSite, y: Any) -> int | None:
     """The rank of the ProxyNormAct's input: recorded on example_inputs, else that of a conv next to it."""
-    ranks = getattr(state.shapes, "ranks", None)
-    if ranks is not None:
-        found = ranks(site.module)
-        if len(found) == 1:
-            return next(iter(found))
+    found = state.shapes.ranks(site.module)
+    if len(found) == 1:
+        return next(iter(found))
     candidates = []
     if isinstance(y, fx.Node) and y.op == "call_module":
         candidates.append(y)
@@ -324,8 +317,8 @@ def _terminal(state: GraphState, node: fx.Node, prev: fx.Node, channels: int, ra
     if shared:
         return False, shared
     if layer.kind == "linear":
-        reason = state.linear_rank_reason(layer.module, str(node.target))
-        return (False, _words(reason)) if reason else (True, "")
+        reason = state.shapes.linear_rank_reason(layer.module, str(node.target), NOUN)
+        return (False, reason) if reason else (True, "")
     if rank is None or layer.module.weight.dim() != rank:  # the channel axis reaches the conv as its axis 1
         return False, f"the input rank of '{node.target}' is not proven to be the ProxyNormAct's"
     return True, ""
@@ -388,18 +381,18 @@ def _full_fold(state: GraphState, post: fx.Node, act: fx.Node, name: str, scale:
     for probe in probes:
         site = BnSite(probe, name, scale=scale, shift=shift)
         slid = _slide(state, probe, channels)
-        layer, why = forward_fold.check(state, site)
+        layer, why = forward_fold.check(state, site, NOUN)
         if layer is None and slid:
             _unslide(probe, act, slid)
             slid = None
-            layer, why = forward_fold.check(state, site)  # the reason at the call's own position
+            layer, why = forward_fold.check(state, site, NOUN)  # the reason at the call's own position
         if layer is not None and avoid_border and layer in state.responses and not is_uniform(state.responses[layer]):
             state.responses.pop(layer)
             layer, why = None, (f"the affine before a zero-padded conv '{layer.target}' would need a border "
                                 "correction (an Add), and the activation takes the offset for free")
         paths.append((site, layer, slid))
         if layer is None:
-            reasons.append(_words(why))
+            reasons.append(why)
     if not reasons:
         return paths, ""
     for site, layer, slid in paths:
@@ -473,8 +466,8 @@ def fold_site(state: GraphState, site: PnSite, *, forward: bool = True) -> tuple
     pre_site, pre_layer, pre_why = None, None, norm_why
     if norm_node is None:
         pre_site = BnSite(pre, site.name, scale=split.pre_scale, shift=split.pre_shift)
-        pre_layer, layer_why = backward_fold.check(state, pre_site)
-        pre_why = norm_why or _words(layer_why)
+        pre_layer, layer_why = backward_fold.check(state, pre_site, NOUN)
+        pre_why = norm_why or layer_why
     clamp = not full_paths and form == "clamp" and unit is None  # per-channel bounds: buffers
     post_left = not full_paths and form != "clamp" and not split.post_is_identity
     if (norm_node is None and pre_layer is None or clamp or post_left) and rank is None:

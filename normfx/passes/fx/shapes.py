@@ -1,10 +1,11 @@
-"""Input shapes of conv/linear calls, measured by running the example inputs once — lazily, only when
-a rule needs a shape (a Linear's input rank, a padded conv's spatial size)."""
+"""Input shapes of conv/linear calls (and of other module kinds a pass names, e.g. ProxyNormAct and StdConv for
+``fuse``), measured by running the example inputs once — lazily, only when a rule needs a shape (a Linear's input
+rank, a padded conv's spatial size, the rank of a ProxyNormAct's leftover constants)."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -27,10 +28,12 @@ def _all_eval(model: nn.Module) -> Iterator[None]:
 
 
 def record_input_shapes(model: nn.Module, example_inputs: tuple | None,
-                        runner: Callable[[nn.Module], object] | None = None) -> dict[int, list[tuple[int, ...]]]:
-    """Input shape of every conv/linear call on ``example_inputs`` (keyed by module id), from one
-    eval-mode forward (so running statistics are not touched; modes are restored). ``runner(model)``
-    runs that forward instead when there are no example inputs (e.g. one batch of calibration data)."""
+                        runner: Callable[[nn.Module], object] | None = None,
+                        kinds: tuple[type, ...] = ()) -> dict[int, list[tuple[int, ...]]]:
+    """Input shape of every conv/linear call, and of every call of a module of one of ``kinds``, on
+    ``example_inputs`` (keyed by module id), from one eval-mode forward (so running statistics are not
+    touched; modes are restored). ``runner(model)`` runs that forward instead when there are no example
+    inputs (e.g. one batch of calibration data)."""
     shapes: dict[int, list[tuple[int, ...]]] = {}
     handles = []
 
@@ -39,7 +42,7 @@ def record_input_shapes(model: nn.Module, example_inputs: tuple | None,
             shapes.setdefault(id(module), []).append(tuple(args[0].shape))
 
     for module in model.modules():
-        if layer_info(module) is not None:
+        if layer_info(module) is not None or isinstance(module, kinds):
             handles.append(module.register_forward_pre_hook(hook))
     try:
         with _all_eval(model), torch.no_grad():
@@ -61,12 +64,14 @@ def record_input_shapes(model: nn.Module, example_inputs: tuple | None,
 
 
 class ShapeRecorder:
-    """Shapes per module, recorded on first request. Copies of a module (made private for a fold)
-    are registered with :meth:`alias` and answer with their original's shapes."""
+    """Shapes per module, recorded on first request: conv/linear calls and calls of modules of ``kinds``.
+    Copies of a module (made private for a fold) are registered with :meth:`alias` and answer with their
+    original's shapes."""
 
     def __init__(self, model: nn.Module, example_inputs: tuple | None,
-                 runner: Callable[[nn.Module], object] | None = None) -> None:
+                 runner: Callable[[nn.Module], object] | None = None, *, kinds: Iterable[type] = ()) -> None:
         self._model, self._inputs, self._runner = model, example_inputs, runner
+        self._kinds = tuple(kinds)
         known = example_inputs is not None or runner is not None
         self._shapes: dict[int, list[tuple[int, ...]]] | None = None if known else {}
         self._origin: dict[int, int] = {}
@@ -86,6 +91,24 @@ class ShapeRecorder:
         """The input shape ``module`` is called with, when example inputs were given and every call
         of it saw the same shape; None otherwise."""
         if self._shapes is None:
-            self._shapes = record_input_shapes(self._model, self._inputs, self._runner)
+            self._shapes = record_input_shapes(self._model, self._inputs, self._runner, self._kinds)
         shapes = self._lookup(module)
         return shapes[0] if shapes and len(set(shapes)) == 1 else None
+
+    def linear_rank_reason(self, module: nn.Module, target: str, noun: str = "BN", *, relation: str = "folds into it",
+                           proof: str = "example_inputs") -> str:
+        """A per-channel map (``noun``: a BN, a ProxyNormAct's affine) acts on axis 1, the Linear ``module`` on the
+        last axis: they meet only on 2-D tensors, which only ``proof`` can show ("" when proven). ``relation``
+        says how the map meets the Linear (``"folds into it"``, ``"can follow it"``)."""
+        shape = self.input_shape(module)
+        if shape is None:
+            return (f"'{target}' is a Linear: a {noun} {relation} only when its input is 2-D (N, features); "
+                    f"pass {proof} to prove it")
+        if len(shape) != 2:
+            return f"'{target}' gets a {len(shape)}-D input: {noun}'s channel axis 1 is not the Linear's features"
+        return ""
+
+    def ranks(self, module: nn.Module) -> set[int]:
+        """The ranks of every recorded input of ``module`` (empty without example inputs)."""
+        self.input_shape(module)  # records on first use
+        return {len(shape) for shape in self._lookup(module)}

@@ -120,9 +120,9 @@ def _skip_reason(state: GraphState, node: fx.Node, layer: LayerInfo, classifier:
     if not classifier and state.part.prefix == "" and _reaches_output(gm, node):
         return CLASSIFIER_REASON
     if layer.kind == "linear":
-        reason = state.linear_rank_reason(layer.module, str(node.target))
+        reason = state.shapes.linear_rank_reason(layer.module, str(node.target), relation="can follow it",
+                                                 proof="example_inputs or data")
         if reason:
-            reason = reason.replace("a BN folds into it", "a BN can follow it").replace("example_inputs", "example_inputs or data")
             if unpeeked:
                 reason += " (explain takes no batch from a one-shot iterator: pass example_inputs or a list)"
             return reason

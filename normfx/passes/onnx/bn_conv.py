@@ -1,40 +1,47 @@
 """BatchNormalization → Conv / ConvTranspose: fold the BN into the layer after it (forward fold).
 
-The scale always folds into the layer's input channels. The shift becomes a plain bias when every
-output position sees every kernel tap over real input: an unpadded Conv. A zero-padded Conv (or a
-ConvTranspose, whose border outputs see fewer taps) gets the *exact* position-dependent constant
-from :func:`normfx.fold.shift_response` — which needs the input's spatial shape to be static — added
-by an ``Add`` node after the layer (or as a bias when it turns out uniform) when the policy option
-``border_correction`` is true. Otherwise: declined (the Add would tie the model to one input shape and,
-measured, runs slower in onnxruntime than the BatchNormalization it replaces).
+The scale always folds into the layer's input channels. A site whose shift is zero everywhere (scale
+only) is then folded whole, whatever the padding and the input shape: nothing reaches the borders.
+Otherwise the shift becomes a plain bias when every output position sees every kernel tap over real
+input: an unpadded Conv. A zero-padded Conv (or a ConvTranspose, whose border outputs see fewer taps)
+gets the *exact* position-dependent constant from :func:`normfx.fold.shift_response` — which needs the
+input's spatial shape to be static — added by an ``Add`` node after the layer (or as a bias when it
+turns out uniform) when the policy option ``border_correction`` is true. Otherwise: declined (the Add
+would tie the model to one input shape and, measured, runs slower in onnxruntime than the
+BatchNormalization it replaces).
+
+The same rule folds the per-channel affine chains ``fuse`` reads (:mod:`.affine_conv`): ``kind``
+(:class:`.forward.SiteKind`) names the site in the rule name, the reasons and the pattern.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ...fold import fold_bn_before, is_uniform, per_channel, shift_response
-from .bn import BnSite
 from .chain import Chain, follow
 from .edits import (
+    ConvParams,
     add_bias_after,
     bypass_forward,
     conv_params,
     input_name,
-    pattern,
     shared_reason,
     start_dims,
 )
+from .forward import BN_SITE, SiteKind
 from .rule import Decline, Fold, FoldOptions
-from .shapes import dims_text, static_value
+from .shapes import Dim, dims_text, static_value
 from .workspace import Workspace, node_label
 
 __all__ = ["find", "RULE"]
 
-RULE = "bn_conv"
+RULE = BN_SITE.rule("conv")
 KINDS = {"Conv": "conv", "ConvTranspose": "conv_transpose"}
 
 
@@ -57,49 +64,52 @@ def _same_pads(
     return begins + ends
 
 
-def find(
-    site: BnSite, ws: Workspace, target: gs.Node, tin: gs.Tensor, chain: Chain, *,
-    options: FoldOptions = FoldOptions(),
-) -> Fold | Decline | None:
-    """The forward fold of ``site`` into ``target`` (reading ``tin``, reached through ``chain``)."""
-    duplicate_shared = options.duplicate_shared
-    if target.op not in KINDS or target.domain:
-        return None
-    label, kind = node_label(target), KINDS[target.op]
+@dataclass
+class _Geometry:
+    """The layer's borders: ``unpadded`` (every output sees every tap over real input: the shift is a plain
+    bias), else the static input shape and pads :func:`normfx.fold.shift_response` reads."""
 
-    def decline(reason: str) -> Decline:
-        return Decline(RULE, reason)
+    unpadded: bool
+    spatial: list[int] | None
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int]
+    output_padding: list[int]
 
-    if not target.inputs or target.inputs[0] is not tin or any(t is tin for t in target.inputs[1:]):
-        return decline(f"the BatchNormalization feeds the weight or bias of {label}, not its data input")
-    params = conv_params(target, kind, ws)
-    if isinstance(params, str):
-        return decline(params)
-    weight, bias, groups, cin, cout = params.weight, params.bias, params.groups, params.cin, params.cout
-    if cin != site.channels:
-        return decline(f"{label} has {cin} input channels but the BatchNormalization has {site.channels}")
-    dims = start_dims(ws, site.y, weight.ndim if not chain.nodes else None, 1, site.channels)
-    if chain.nodes:
-        if dims is None:
-            return decline(
-                f"the shape of the BatchNormalization output {site.y.name!r} is unknown; "
-                f"cannot follow it through {'→'.join(chain.ops)}"
-            )
-        followed = follow(chain, dims, 1, ws)
-        if isinstance(followed, str):
-            return decline(followed)
-        dims, axis = followed
-        if axis != 1:
-            return decline(f"the BN channels reach {label} on axis {axis} of {dims_text(dims)}, not its channel axis 1")
-    n = weight.ndim - 2
-    attrs = target.attrs
+    def why(self, layer: str) -> str:
+        return "is zero-padded" if layer == "conv" else "is a ConvTranspose (border outputs see fewer taps)"
+
+
+def _input_dims(site: Any, ws: Workspace, target: gs.Node, chain: Chain, rank: int, kind: SiteKind
+                ) -> list[Dim] | None | str:
+    """The shape the layer reads (None: unknown, with no shape chain to follow), or why the site's channels
+    do not reach its channel axis."""
+    label = node_label(target)
+    dims = start_dims(ws, site.y, rank if not chain.nodes else None, 1, site.channels)
+    if not chain.nodes:
+        return dims
+    if dims is None:
+        return (f"the shape of the {kind.noun} output {site.y.name!r} is unknown; "
+                f"cannot follow it through {'→'.join(chain.ops)}")
+    followed = follow(chain, dims, 1, ws)
+    if isinstance(followed, str):
+        return followed
+    dims, axis = followed
+    if axis != 1:
+        return f"the {kind.short} channels reach {label} on axis {axis} of {dims_text(dims)}, not its channel axis 1"
+    return dims
+
+
+def _geometry(target: gs.Node, layer: str, weight: np.ndarray, dims: list[Dim] | None, kind: SiteKind
+              ) -> _Geometry | str:
+    """Where the shift's effect depends on the position, or why it cannot be computed."""
+    label, n, attrs = node_label(target), weight.ndim - 2, target.attrs
     strides, dilations = _ints(attrs, "strides", n, 1), _ints(attrs, "dilations", n, 1)
     pads = _ints(attrs, "pads", 2 * n, 0)
     auto_pad = str(attrs.get("auto_pad", "NOTSET"))
     spatial = [static_value(d) for d in dims[2:]] if dims is not None and len(dims) == n + 2 else None
     static = spatial is not None and all(s is not None for s in spatial)
-    output_padding = _ints(attrs, "output_padding", n, 0)
-    if kind == "conv":
+    if layer == "conv":
         unpadded = auto_pad == "VALID" or (auto_pad == "NOTSET" and not any(pads))
         if auto_pad in ("SAME_UPPER", "SAME_LOWER") and static:
             pads = _same_pads(spatial, list(weight.shape[2:]), strides, dilations, auto_pad == "SAME_UPPER")
@@ -107,47 +117,76 @@ def find(
             pads = [0] * (2 * n)
     else:
         if "output_shape" in attrs or auto_pad not in ("NOTSET", ""):
-            return decline(f"{label} sets output_shape/auto_pad; only explicit pads are folded through a ConvTranspose")
+            return f"{label} sets output_shape/auto_pad; only explicit pads are folded through a ConvTranspose"
         unpadded = False  # border outputs of a transposed conv see fewer taps: always use the response
+    geometry = _Geometry(unpadded, spatial if static else None, strides, dilations, pads,
+                         _ints(attrs, "output_padding", n, 0))
     if not unpadded and not static:
-        why = "is zero-padded" if kind == "conv" else "is a ConvTranspose (border outputs see fewer taps)"
         shape = dims_text(dims) if dims is not None else "unknown"
-        return decline(
-            f"{label} {why} and its input's spatial shape ({shape}) is not static, so the BN shift's "
-            "position-dependent effect cannot be computed; export with static spatial dims"
-        )
-    reason = shared_reason(target, (1, 2), ws, duplicate_shared)
+        return (f"{label} {geometry.why(layer)} and its input's spatial shape ({shape}) is not static, so the "
+                f"{kind.short} shift's position-dependent effect cannot be computed; export with static spatial dims")
+    return geometry
+
+
+def _response(site: Any, target: gs.Node, layer: str, params: ConvParams, geometry: _Geometry,
+              options: FoldOptions, kind: SiteKind) -> np.ndarray | str:
+    """The exact per-position constant the shift adds after a padded layer, or why it is declined."""
+    g = geometry
+    response = shift_response(
+        params.weight, site.shift, kind=layer, input_shape=g.spatial, stride=g.strides, padding=g.pads,
+        dilation=g.dilations, groups=params.groups, output_padding=g.output_padding,
+    )
+    if is_uniform(response) or options.border_correction:
+        return response
+    return (f"{node_label(target)} {g.why(layer)}: the {kind.short} shift is position-dependent at the borders; "
+            f"folding it needs an added constant map that ties the model to input shape {g.spatial}{kind.cost} "
+            "(set border_correction=true to fold anyway)")
+
+
+def find(
+    site: Any, ws: Workspace, target: gs.Node, tin: gs.Tensor, chain: Chain, *,
+    options: FoldOptions = FoldOptions(), kind: SiteKind = BN_SITE,
+) -> Fold | Decline | None:
+    """The forward fold of ``site`` (``x · site.scale + site.shift`` along axis 1) into ``target`` (reading
+    ``tin``, reached through ``chain``); ``kind`` names the site in the rule name and the reasons."""
+    if target.op not in KINDS or target.domain:
+        return None
+    label, layer, rule = node_label(target), KINDS[target.op], kind.rule("conv")
+    if not target.inputs or target.inputs[0] is not tin or any(t is tin for t in target.inputs[1:]):
+        return Decline(rule, f"the {kind.noun} feeds the weight or bias of {label}, not its data input")
+    params = conv_params(target, layer, ws)
+    if isinstance(params, str):
+        return Decline(rule, params)
+    if params.cin != site.channels:
+        return Decline(rule, f"{label} has {params.cin} input channels but the {kind.noun} has {site.channels}")
+    dims = _input_dims(site, ws, target, chain, params.weight.ndim, kind)
+    if isinstance(dims, str):
+        return Decline(rule, dims)
+    scale_only = not np.any(site.shift)  # exact with any padding and any input shape: nothing reaches the borders
+    geometry = None if scale_only else _geometry(target, layer, params.weight, dims, kind)
+    if isinstance(geometry, str):
+        return Decline(rule, geometry)
+    reason = shared_reason(target, (1, 2), ws, options.duplicate_shared)
     if reason:
-        return decline(reason)
+        return Decline(rule, reason)
     response = None
-    if not unpadded:
-        response = shift_response(
-            weight, site.shift, kind=kind, input_shape=spatial, stride=strides, padding=pads,
-            dilation=dilations, groups=groups, output_padding=output_padding,
-        )
-        if not is_uniform(response) and not options.border_correction:
-            why = "is zero-padded" if kind == "conv" else "is a ConvTranspose (border outputs see fewer taps)"
-            return decline(
-                f"{label} {why}: the BN shift is position-dependent at the borders; folding it needs an added "
-                f"constant map that ties the model to input shape {spatial} and is slower in onnxruntime than "
-                "its BatchNormalization (set border_correction=true to fold anyway)"
-            )
-    details = {
-        "direction": "forward",
-        "into": target.name or label,
-        "pattern": pattern("BatchNormalization", *chain.ops, target.op),
+    if geometry is not None and not geometry.unpadded:
+        response = _response(site, target, layer, params, geometry, options, kind)
+        if isinstance(response, str):
+            return Decline(rule, response)
+    details: dict[str, Any] = {
+        "direction": "forward", "into": target.name or label, "pattern": kind.pattern(site, *chain.ops, target.op),
     }
 
     def apply() -> None:
+        weight, bias, cout = params.weight, params.bias, params.cout
         old = list(target.inputs[1:])
-        if unpadded:
-            new_w, new_b = fold_bn_before(weight, bias, site.scale, site.shift, kind=kind, groups=groups)
-            ws.set_input(target, 1, ws.constant(input_name(target, 1, "weight"), new_w))
+        new_w, new_b = fold_bn_before(weight, bias, site.scale, site.shift, kind=layer, groups=params.groups)
+        ws.set_input(target, 1, ws.constant(input_name(target, 1, "weight"), new_w))
+        if response is None and not scale_only:  # unpadded: the shift is a plain bias
             ws.set_input(target, 2, ws.constant(input_name(target, 2, "bias"), new_b))
-        else:
-            new_w, _ = fold_bn_before(weight, None, site.scale, site.shift, kind=kind, groups=groups)
+        elif response is not None:
             layer_bias = np.zeros(cout) if bias is None else np.asarray(bias, dtype=np.float64)
-            ws.set_input(target, 1, ws.constant(input_name(target, 1, "weight"), new_w))
             if is_uniform(response):
                 uniform = response.reshape(cout, -1)[:, 0] + layer_bias
                 ws.set_input(target, 2, ws.constant(input_name(target, 2, "bias"), uniform.astype(weight.dtype)))
@@ -155,11 +194,11 @@ def find(
             else:
                 constant = (response + per_channel(layer_bias, response.ndim, 0)).astype(weight.dtype)
                 ws.truncate_inputs(target, 2)
-                add = add_bias_after(target, constant, ws, f"{target.name or target.op}.bn_shift")
+                add = add_bias_after(target, constant, ws, f"{target.name or target.op}.{kind.prefix}_shift")
                 details["shift"] = f"position-dependent constant {list(constant.shape)} added by Add {add.name!r}"
                 details["added"] = add.name
         bypass_forward(site, chain, target, ws)
         for tensor in old:
             ws.drop_if_unused(tensor)
 
-    return Fold(RULE, label, apply, details)
+    return Fold(rule, label, apply, details)

@@ -3,22 +3,46 @@ into *every* layer its output feeds, or into none.
 
 Shared by the BatchNormalization rules and the affine rules of ``fuse``: the consumers are walked down
 through shape ops (:func:`.chain.walk_down`), each is offered to the rule functions in turn, and the fold
-goes ahead only when every consumer accepts one.
+goes ahead only when every consumer accepts one. The rule functions (:mod:`.bn_conv`, :mod:`.bn_gemm`) are
+told by a :class:`SiteKind` how to name the site in their rule names, reasons and patterns.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import onnx_graphsurgeon as gs
 
 from .chain import Chain, walk_down
+from .edits import pattern
 from .rule import Decline, Fold, FoldOptions
 from .workspace import Workspace, node_label
 
-__all__ = ["plan_forward", "applied_details", "ForwardFind"]
+__all__ = ["plan_forward", "offer", "applied_details", "ForwardFind", "SiteKind", "BN_SITE"]
 
 ForwardFind = Callable[..., "Fold | Decline | None"]
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """How a forward-fold rule speaks of the site it folds: in its rule names, reasons and patterns."""
+
+    noun: str  # "the {noun} output …", "… but the {noun} has 4 channels"
+    short: str  # "the {short} channels", "the {short} shift"
+    prefix: str  # rule names "{prefix}_conv", "{prefix}_gemm", "{prefix}_matmul"
+    by_ops: bool = False  # patterns start with the site's own ops (Sub→Mul→Conv), not with the noun
+    cost: str = ""  # what an added border constant costs beyond tying the model to one input shape
+
+    def rule(self, layer: str) -> str:
+        return f"{self.prefix}_{layer}"
+
+    def pattern(self, site: Any, *rest: str) -> str:
+        head = tuple(site.ops) if self.by_ops else (self.noun,)
+        return pattern(*head, *rest)
+
+
+BN_SITE = SiteKind("BatchNormalization", "BN", "bn", cost=" and is slower in onnxruntime than its BatchNormalization")
 
 
 def plan_forward(

@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...affine import fold_into_scale_bias, per_group
+from ...affine import per_group
+from ...fold import fold_affine_into_norm
 from .affine_site import AffineSite
 from .chain import Chain, chain_uses, walk_up
 from .edits import input_name, optional_const, pattern, shared_reason
@@ -70,7 +71,7 @@ def find(site: AffineSite, ws: Workspace, *, options: FoldOptions = FoldOptions(
     reason = shared_reason(norm, (1, 2), ws, options.duplicate_shared)
     if reason:
         return decline(reason)
-    new_scale, new_bias = fold_into_scale_bias(scale, bias, s, t)
+    new_scale, new_bias = fold_affine_into_norm(scale, bias, s, t, shape=scale.shape)
     dtype = scale.dtype
     details = {"direction": "backward", "into": norm.name or label, "how": how,
                "pattern": pattern(norm.op, *chain.ops, *site.ops)}
