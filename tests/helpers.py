@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import onnx
 import torch
+from torch import nn
+
+from normfx import models
+from normfx.layers import ProxyNormAct, is_batchnorm
 
 
 def rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -25,3 +30,38 @@ def assert_state_equal(before: dict[str, torch.Tensor], module: torch.nn.Module)
     assert set(after) == set(before)
     for key, value in before.items():
         assert torch.equal(after[key], value), f"{key} changed"
+
+
+def randomize_proxy_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every ProxyNormAct parameter and GroupNorm affine away from its init (a fold of defaults proves nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ProxyNormAct):
+                c = module.num_channels
+                module.weight.copy_((torch.rand(c, generator=generator) * 1.5 + 0.25)
+                                    * torch.where(torch.rand(c, generator=generator) < 0.2, -1.0, 1.0))
+                module.bias.copy_(torch.randn(c, generator=generator) * 0.5)
+                module.proxy_weight.copy_(torch.randn(c, generator=generator) * 0.2)
+                module.proxy_bias.copy_(torch.randn(c, generator=generator) * 0.2)
+            elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.3)
+            elif is_batchnorm(module):
+                models.randomize_batchnorm(module, seed)
+    return model.eval()
+
+
+def constant_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Nodes (other than Constant) whose every input is a constant: an initializer, a Constant, or such a node's
+    output — work that depends on no input, e.g. proxy statistics computed at run time."""
+    known = {i.name for i in proto.graph.initializer}
+    found = []
+    for node in proto.graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Constant":
+            known.update(node.output)
+        elif inputs and all(i in known for i in inputs):
+            known.update(node.output)
+            found.append(node.op_type)
+    return found

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import assert_state_equal, rel_error, snapshot, storages
+from helpers import assert_state_equal, constant_nodes, randomize_proxy_norm, rel_error, snapshot, storages
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -33,26 +33,6 @@ ACTIVATIONS = {
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every ProxyNormAct parameter and GroupNorm affine away from its init (a fold of defaults proves nothing)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, ProxyNormAct):
-                c = module.num_channels
-                module.weight.copy_((torch.rand(c, generator=generator) * 1.5 + 0.25)
-                                    * torch.where(torch.rand(c, generator=generator) < 0.2, -1.0, 1.0))
-                module.bias.copy_(torch.randn(c, generator=generator) * 0.5)
-                module.proxy_weight.copy_(torch.randn(c, generator=generator) * 0.2)
-                module.proxy_bias.copy_(torch.randn(c, generator=generator) * 0.2)
-            elif isinstance(module, (nn.GroupNorm, nn.LayerNorm)) and module.weight is not None:
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.3)
-            elif is_batchnorm(module):
-                models.randomize_batchnorm(module, seed)
-    return model.eval()
-
-
 def _assert_exact(model: nn.Module, fused: nn.Module, x: torch.Tensor) -> float:
     """Fused fp32 vs the unfused float64 run: within max(1e-5, 2× the unfused fp32 model's own error)."""
     with torch.no_grad():
@@ -69,21 +49,6 @@ def _onnx(model: nn.Module, x: torch.Tensor) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
     return onnx.load_from_string(buffer.getvalue())
-
-
-def _constant_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Nodes (other than Constant) whose every input is a constant: an initializer, a Constant, or such a node's
-    output — work that depends on no input, e.g. proxy statistics computed at run time."""
-    known = {i.name for i in proto.graph.initializer}
-    found = []
-    for node in proto.graph.node:
-        inputs = [i for i in node.input if i]
-        if node.op_type == "Constant":
-            known.update(node.output)
-        elif inputs and all(i in known for i in inputs):
-            known.update(node.output)
-            found.append(node.op_type)
-    return found
 
 
 def _ops(proto: onnx.ModelProto) -> Counter:
@@ -116,7 +81,7 @@ def _block(act: str, follower: str, norm: str = "groupnorm") -> nn.Sequential:
         "linear_head": [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(C, 6)],
         "output": [],
     }[follower]
-    return _randomize(nn.Sequential(*layers), seed=len(act) + len(follower))
+    return randomize_proxy_norm(nn.Sequential(*layers), seed=len(act) + len(follower))
 
 
 # what each (activation, follower) leaves beyond GroupNorm + activation: ONNX ops added / removed
@@ -211,7 +176,7 @@ def test_proxy_norm_folds_exactly_and_leaves_only_what_cannot_fold(act, follower
     else:
         assert "zero-padded conv" in entry.reason or "model output" in entry.reason
     fused_proto, twin_proto = _onnx(fused, x), _onnx(_gn_act_twin(model), x)
-    assert _constant_nodes(fused_proto) == []
+    assert constant_nodes(fused_proto) == []
     ops, bar = _ops(fused_proto), _ops(twin_proto)
     assert (dict(ops - bar), dict(bar - ops)) == (added, removed)
 
@@ -241,12 +206,12 @@ def test_relu_with_a_dead_proxy_channel_takes_per_channel_bounds():
 
 def test_unfused_export_computes_proxy_statistics_the_check_sees_it():
     model = _block("silu", "conv1x1")
-    constant = _constant_nodes(_onnx(model, torch.randn(2, 3, 8, 8)))
+    constant = constant_nodes(_onnx(model, torch.randn(2, 3, 8, 8)))
     assert {"ReduceMean", "Sqrt"} <= set(constant)
 
 
 def test_group_norm_affine_is_composed_and_layer_norm_over_channels_folds():
-    model = _randomize(nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.GroupNorm(2, C), ProxyNormAct(C, nn.SiLU()),
+    model = randomize_proxy_norm(nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.GroupNorm(2, C), ProxyNormAct(C, nn.SiLU()),
                                      nn.Conv2d(C, 4, 1)))
     x = torch.randn(2, 3, 8, 8)
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
@@ -261,7 +226,7 @@ def test_group_norm_affine_is_composed_and_layer_norm_over_channels_folds():
 
 
 def test_pre_affine_folds_into_a_conv_when_no_norm_precedes():
-    model = _randomize(nn.Sequential(nn.Conv2d(3, C, 3, padding=1), ProxyNormAct(C, nn.GELU()), nn.Conv2d(C, 4, 1)))
+    model = randomize_proxy_norm(nn.Sequential(nn.Conv2d(3, C, 3, padding=1), ProxyNormAct(C, nn.GELU()), nn.Conv2d(C, 4, 1)))
     x = torch.randn(2, 3, 8, 8)
     fused, report = normfx.rewrite_with_report(model, "fuse")
     _assert_exact(model, fused, x)
@@ -290,7 +255,7 @@ class _Residual(nn.Module):
 
 @pytest.mark.parametrize("act,left", [("relu", 0), ("silu", 2), ("leaky_relu", 1)])
 def test_residual_block(act, left):
-    model = _randomize(_Residual(ACTIVATIONS[act]))
+    model = randomize_proxy_norm(_Residual(ACTIVATIONS[act]))
     x = torch.randn(2, 3, 8, 8)
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
     _assert_exact(model, fused, x)
@@ -300,12 +265,12 @@ def test_residual_block(act, left):
     assert second.details["leftover_ops"] == left
     assert "the ProxyNormAct output goes to an addition" in second.reason  # forward_fold's reason, its noun
     assert "BN" not in second.reason
-    assert _constant_nodes(_onnx(fused, x)) == []
+    assert constant_nodes(_onnx(fused, x)) == []
 
 
 def test_linear_before_proxy_norm_reasons_name_the_proxy_norm():
     """backward_fold's Linear-rank reasons for the pre-affine speak of the ProxyNormAct, not of a BN."""
-    model = _randomize(nn.Sequential(nn.Linear(8, 5), ProxyNormAct(5, nn.SiLU()), nn.Conv1d(5, 3, 1))).eval()
+    model = randomize_proxy_norm(nn.Sequential(nn.Linear(8, 5), ProxyNormAct(5, nn.SiLU()), nn.Conv1d(5, 3, 1))).eval()
     x = torch.randn(4, 5, 8)  # the ProxyNormAct's channel axis 1 holds the Linear's 5 positions, not its features
     for example, words in ((x, "'0' gets a 3-D input: ProxyNormAct's channel axis 1 is not the Linear's features"),
                            (None, "'0' is a Linear: a ProxyNormAct folds into it only when its input is 2-D")):
@@ -330,12 +295,12 @@ class _TwoBranches(nn.Module):
 
 def test_several_users_fold_on_every_path_or_keep_one_affine():
     x = torch.randn(2, C, 6, 6)
-    model = _randomize(_TwoBranches(nn.Conv2d(C, 4, 1)))  # inception-like: both paths take the whole affine
+    model = randomize_proxy_norm(_TwoBranches(nn.Conv2d(C, 4, 1)))  # inception-like: both paths take the whole affine
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
     _assert_exact(model, fused, x)
     assert report.entries[0].details["into"] == ["Conv2d 'a'", "Conv2d 'b'"]
     assert report.entries[0].details["leftover_ops"] == 0
-    model = _randomize(_TwoBranches(nn.Conv2d(C, 4, 3, padding=1)))  # a padded path: the scale only, offset kept
+    model = randomize_proxy_norm(_TwoBranches(nn.Conv2d(C, 4, 3, padding=1)))  # a padded path: the scale only, offset kept
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
     _assert_exact(model, fused, x)
     entry = report.entries[0]
@@ -366,13 +331,13 @@ class _SqueezeExcite(nn.Module):
 
 def test_squeeze_excitation_takes_the_scale_on_both_paths():
     x = torch.randn(2, C, 6, 6)
-    model = _randomize(_SqueezeExcite())
+    model = randomize_proxy_norm(_SqueezeExcite())
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
     _assert_exact(model, fused, x)
     entry = report.entries[0]
     assert entry.details["leftover_ops"] == 1
     assert "scale into Conv2d 'fc1', Conv2d 'project'" in entry.details["post"]
-    model = _randomize(_SqueezeExcite(twice=True))
+    model = randomize_proxy_norm(_SqueezeExcite(twice=True))
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
     _assert_exact(model, fused, x)
     entry = report.entries[0]
@@ -380,7 +345,7 @@ def test_squeeze_excitation_takes_the_scale_on_both_paths():
 
 
 def test_linear_after_a_2d_group_norm():
-    model = _randomize(nn.Sequential(nn.Linear(5, C), nn.GroupNorm(2, C, affine=False), ProxyNormAct(C, nn.SiLU()),
+    model = randomize_proxy_norm(nn.Sequential(nn.Linear(5, C), nn.GroupNorm(2, C, affine=False), ProxyNormAct(C, nn.SiLU()),
                                      nn.Linear(C, 3)))
     x = torch.randn(4, 5)
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
@@ -407,11 +372,11 @@ def test_std_conv_becomes_a_plain_conv(cls, shape):
 def test_std_conv_then_batch_norm_and_group_norm_fold_completely():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    bn = _randomize(nn.Sequential(StdConv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C), nn.ReLU()))
+    bn = randomize_proxy_norm(nn.Sequential(StdConv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C), nn.ReLU()))
     fused = normfx.rewrite(bn, "fuse")
     _assert_exact(bn, fused, x)
     assert _left(fused) == 0 and not any(is_batchnorm(m) for m in fused.modules())
-    gn = _randomize(nn.Sequential(StdConv2d(3, C, 3, padding=1), nn.GroupNorm(4, C, affine=False),
+    gn = randomize_proxy_norm(nn.Sequential(StdConv2d(3, C, 3, padding=1), nn.GroupNorm(4, C, affine=False),
                                   ProxyNormAct(C, nn.SiLU()), StdConv2d(C, 4, 1)))
     fused, report = normfx.rewrite_with_report(gn, "fuse", example_inputs=x)
     _assert_exact(gn, fused, x)
@@ -437,7 +402,7 @@ def test_std_conv_in_an_untraceable_part_is_swapped_as_a_module():
 
 
 def test_explain_reports_what_rewrite_does_and_state_dict_loses_only_folded_parameters():
-    model = _randomize(_Residual(nn.ReLU))
+    model = randomize_proxy_norm(_Residual(nn.ReLU))
     x = torch.randn(2, 3, 8, 8)
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
     explained = normfx.explain(model, "fuse", example_inputs=x)
@@ -473,7 +438,7 @@ class _NormUsedTwice(nn.Module):
 
 
 def test_norm_with_other_users_keeps_the_pre_affine():
-    model = _randomize(_NormUsedTwice())
+    model = randomize_proxy_norm(_NormUsedTwice())
     x = torch.randn(2, C, 5, 5)
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
     with torch.no_grad():
@@ -486,7 +451,7 @@ def test_norm_with_other_users_keeps_the_pre_affine():
 
 
 def test_unknown_rank_skips_only_what_needs_it():
-    model = _randomize(nn.Sequential(nn.GroupNorm(4, C, affine=False), ProxyNormAct(C, nn.ReLU())))
+    model = randomize_proxy_norm(nn.Sequential(nn.GroupNorm(4, C, affine=False), ProxyNormAct(C, nn.ReLU())))
     x = torch.randn(2, C, 5, 5)
     kept, report = normfx.rewrite_with_report(model, "fuse")  # no conv, no example_inputs: rank unknown
     assert report.skipped[0].name == "1" and "input rank is unknown" in report.skipped[0].reason
@@ -520,7 +485,7 @@ def test_zoo_proxynorm_then_fuse_leaves_no_proxy_norm(name):
     if not has_pn:  # nothing to fold but the GroupNorms: fuse keeps the function
         _assert_exact(converted, normfx.rewrite(converted, "fuse", example_inputs=x), x)
         return
-    converted = _randomize(converted, seed=3)
+    converted = randomize_proxy_norm(converted, seed=3)
     fused, report = normfx.rewrite_with_report(converted, "fuse", example_inputs=x)
     _assert_exact(converted, fused, x)
     assert sum(isinstance(m, ProxyNormAct) for m in fused.modules()) == 0
@@ -528,7 +493,7 @@ def test_zoo_proxynorm_then_fuse_leaves_no_proxy_norm(name):
     entries = [e for e in report.entries if e.name in proxy]
     assert {e.name for e in entries} == proxy and all(e.status == "applied" for e in entries)
     if name in ("resnet18", "efficientnet_b0"):
-        assert _constant_nodes(_onnx(fused, x)) == []
+        assert constant_nodes(_onnx(fused, x)) == []
 
 
 class _Gate(nn.Module):
@@ -554,7 +519,7 @@ class _UntracedProxyNorm(nn.Module):
 
 
 def test_untraced_and_unused_proxy_norm_are_reported():
-    model = _randomize(_UntracedProxyNorm())
+    model = randomize_proxy_norm(_UntracedProxyNorm())
     fused, report = normfx.rewrite_with_report(model, "fuse")
     reasons = {e.name: e.reason for e in report.skipped}
     assert "'gate' cannot be traced" in reasons["gate.pn"] and "never called" in reasons["unused"]

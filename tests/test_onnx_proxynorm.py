@@ -13,12 +13,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import constant_nodes
+from helpers import randomize_proxy_norm as randomize
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 from onnx_graphs import FLOAT, Builder
-from test_fuse_proxynorm_fx import _constant_nodes as constant_nodes  # work that depends on no input
-from test_fuse_proxynorm_fx import _randomize as randomize  # ProxyNormAct and norm affines away from their init
 from test_onnx_passes import TOL, check, count, ort_run, rel
 from torch import nn
 
