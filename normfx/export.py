@@ -16,7 +16,7 @@ import torch
 from .engine import _normalize_inputs, rewrite_with_report
 from .errors import ModelError, PolicyError, VerificationError
 from .io_utils import atomic_write_bytes, check_output_path
-from .policy import parse_policy
+from .policy import Policy, parse_policy
 from .report import Report
 from .verify import VerifyResult, compare, load_inputs
 
@@ -98,6 +98,32 @@ def _onnx_policy(policy: Any, after_torch: bool):
     return type(parsed)(tuple((glob, steps) for glob, steps in rules if steps))
 
 
+def _rewrite_with_reference(model: torch.nn.Module, policy: Any, inputs: tuple, strict: bool):
+    """``(reference, rewritten, report)``: the steps up to the last one that changes the function on purpose
+    (``proxynorm``, ``precise``, ...) give the reference the export is proven against, the exact steps after
+    them (``fuse``) give the model exported. An all-exact policy is proven against the original itself."""
+    parsed = parse_policy(policy)
+    steps = parsed.ordered_steps()
+    last = max((i for i, step in enumerate(steps) if not step.spec.exact), default=-1)
+    if last < 0:
+        rewritten, report = rewrite_with_report(model, parsed, example_inputs=inputs, strict=strict)
+        return model, rewritten, report
+    changing = set(steps[: last + 1])
+
+    def part(keep) -> Policy:
+        return Policy(tuple((glob, tuple(s for s in rule if keep(s))) for glob, rule in parsed.rules))
+
+    reference, report = rewrite_with_report(model, part(lambda s: s in changing), example_inputs=inputs, strict=strict)
+    reference.eval()
+    rest = part(lambda s: s not in changing)
+    if not rest.ordered_steps():
+        return reference, reference, report
+    rewritten, rest_report = rewrite_with_report(reference, rest, example_inputs=inputs, strict=strict)
+    report.extend(rest_report)
+    report.policy = str(parsed)
+    return reference, rewritten, report
+
+
 def export(
     model: Any,
     example_inputs: Any,
@@ -132,13 +158,10 @@ def export(
         inputs = _normalize_inputs(example_inputs)
         if inputs is None:
             raise ModelError("export needs example_inputs for a torch model")
-        rewritten, torch_report = rewrite_with_report(model, policy, example_inputs=inputs, strict=strict)
+        reference_model, rewritten, torch_report = _rewrite_with_reference(model, policy, inputs, strict)
         rewritten.eval()
         exported = export_onnx(rewritten, inputs, opset=opset, dynamic_batch=dynamic_batch)
-        # an exact policy is proven against the original; one that changes the function on purpose (proxynorm,
-        # precise, ...) against its own torch result
-        exact = all(step.spec.exact for step in parse_policy(policy).ordered_steps())
-        reference = as_runner(model if exact else rewritten)[0]
+        reference = as_runner(reference_model)[0]
     else:
         from .passes.onnx.io import load_model_proto
 

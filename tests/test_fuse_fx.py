@@ -267,3 +267,32 @@ def test_overrides_reach_functional_batch_norm_calls():
     report = normfx.explain(model, {"block1.*": "keep", "*": "fuse"})
     names = {e.name for e in report.applied}
     assert "block2.batch_norm_1" in names and not any(n.startswith("block1.") for n in names)
+
+
+@pytest.mark.parametrize("form", ["module", "function", "method", "keyword"])
+def test_an_inplace_activation_whose_result_is_unused_is_kept(form):
+    """``self.relu(y)`` with the result thrown away still changes ``y``: dead-code elimination must keep it."""
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.relu, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            if form == "module":
+                self.relu(y)
+            elif form == "function":
+                F.relu_(y)
+            elif form == "method":
+                y.relu_()
+            else:
+                F.relu(y, inplace=True)
+            return self.head(y)
+
+    model = _randomized(InPlace())
+    x = torch.randn(2, 3, 8, 8)
+    fused = normfx.rewrite(model, "fuse")
+    with torch.no_grad():
+        assert rel_error(model(x.clone()), fused(x.clone())) <= 1e-5
+    assert batchnorm_calls(fused) == 0

@@ -128,11 +128,25 @@ class GraphState:
                 _delete_attr(self.gm, target)
 
     def finish(self) -> fx.GraphModule:
-        self.gm.graph.eliminate_dead_code()
+        self.gm.graph.eliminate_dead_code(is_impure_node=lambda node: keeps_effect(self.gm, node))
         self.gm.graph.lint()
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
         return self.gm
+
+
+def keeps_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node`` although nothing reads its result: torch.fx's own impure
+    nodes, and in-place operations (``nn.ReLU(inplace=True)``, ``F.relu_``, ``x.relu_()``, ``inplace=True``),
+    whose effect is on their input (``self.relu(y)`` with the result unused still changes ``y``)."""
+    if node.is_impure():
+        return True
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace")) or (name.endswith("_") and not name.endswith("__"))
+    return False
 
 
 def set_parameters(module: nn.Module, weight: Any, bias: Any) -> None:
