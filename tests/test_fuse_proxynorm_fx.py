@@ -525,3 +525,29 @@ def test_untraced_and_unused_proxy_norm_are_reported():
     assert "'gate' cannot be traced" in reasons["gate.pn"] and "never called" in reasons["unused"]
     x = torch.rand(2, 3, 5, 5)
     assert rel_error(model(x), fused(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_nearly_dead_channel_stays_finite(dtype):
+    """A nearly dead ReLU channel (proxy mean ~1e-5): the 1/mean rescale (clamp(min=-1)) would put ~1e5 into the
+    GroupNorm weight, inf in float16; fuse must take the next exact option and stay finite and accurate."""
+    torch.manual_seed(0)
+    c = 4
+    net = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.GroupNorm(2, c, affine=False), ProxyNormAct(c, nn.ReLU()),
+                        nn.Conv2d(c, 4, 3, padding=1))
+    with torch.no_grad():
+        net[2].weight.fill_(1.0)
+        net[2].bias.copy_(torch.tensor([0.0, 0.5, -2.80, -2.805]))
+    net.eval()
+    assert float(net[2].proxy_moments()[0].detach().min()) < 1e-4
+    x = torch.randn(2, 3, 8, 8)
+    model = copy.deepcopy(net).to(dtype)
+    fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=(x.to(dtype),))
+    assert report.entries[0].status == "applied", report.entries[0].reason
+    assert all(torch.isfinite(t).all() for t in list(fused.parameters()) + list(fused.buffers()))
+    with torch.no_grad():
+        reference = copy.deepcopy(net).double()(x.double())
+        unfused, out = model(x.to(dtype)).double(), fused(x.to(dtype)).double()
+    assert torch.isfinite(out).all()
+    floor = rel_error(reference, unfused)
+    assert rel_error(reference, out) <= max(4 * floor, 1e-2 if dtype == torch.bfloat16 else 2e-3)

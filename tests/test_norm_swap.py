@@ -98,7 +98,9 @@ def test_zoo_converts_trains_and_exports(name, policy):
     left = {n for n, m in out.named_modules() if is_batchnorm(m)}
     assert left == {e.name for e in report.skipped if e.details["source"] != "F.batch_norm"}
     assert all(e.reason for e in report.entries)
-    expected_skips = {"trap_functional_bn": 2, "trap_untraceable": 1 if policy == "proxynorm" else 0}
+    if policy == "proxynorm":  # untraceable parts get the plain module swap: no BatchNorm module is left
+        assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in out.modules())
+    expected_skips = {"trap_functional_bn": 2}
     assert len(report.skipped) == expected_skips.get(name, 0)
     if name == "trap_functional_bn":
         assert all("functional batch_norm" in e.reason for e in report.skipped)
@@ -392,9 +394,18 @@ def test_state_dict_keys_are_stable_and_documented():
 
 def test_untraceable_part_and_single_bn_model():
     model = models.create("trap_untraceable")
-    report = normfx.explain(model, "proxynorm")
-    (skipped,) = report.skipped
-    assert skipped.name == "gate.bn" and "'gate' cannot be traced by torch.fx" in skipped.reason
+    x = models.example_input("trap_untraceable", batch=4)
+    out, report = normfx.rewrite_with_report(model, "proxynorm", example_inputs=x)
+    assert not report.skipped
+    (entry,) = [e for e in report.entries if e.name == "gate.bn"]
+    assert entry.status == "applied" and "torch.fx cannot trace 'gate'" in entry.reason
+    assert "GroupNorm with affine, no ProxyNormAct" in entry.reason and entry.details["activation"] is None
+    gate_norm = out.get_submodule("gate.bn")
+    assert type(gate_norm) is nn.GroupNorm and gate_norm.affine
+    assert not any(is_batchnorm(m) for m in out.modules())
+    train_mode(out)
+    with torch.no_grad():  # batch-independent in train mode: a sample's output ignores the rest of the batch
+        torch.testing.assert_close(out(x)[:1], out(x[:1]), rtol=1e-4, atol=1e-5)
     assert normfx.explain(model, "groupnorm").applied_to("gate.bn")  # module swaps need no tracing
     bn = nn.BatchNorm2d(8).eval()
     out, report = normfx.rewrite_with_report(bn, "proxynorm")
@@ -474,3 +485,22 @@ def test_export_of_an_inexact_policy_is_verified_against_its_torch_result(tmp_pa
     result = normfx.export(model, x, tmp_path / "pn.onnx", policy=["proxynorm", "fuse"])
     assert result.verification.ok and (tmp_path / "pn.onnx").exists()
     assert not any(n.op_type == "BatchNormalization" for n in result.model.graph.node)
+
+
+def test_export_proves_the_fold_against_the_model_before_it(tmp_path, monkeypatch):
+    """proxynorm then fuse: the export is checked against the proxynorm model, so a wrong fold is caught."""
+    import normfx.passes.fx.proxy_norm_fold as fold_pass
+    from normfx.errors import VerificationError
+
+    model = models.create("resnet18", seed=1)
+    x = models.example_input("resnet18", batch=2)
+    original = fold_pass.proxy_norm_moments
+
+    def wrong(layer):
+        mean, inv_std = original(layer)
+        return mean, inv_std * 1.5  # a broken fold
+
+    monkeypatch.setattr(fold_pass, "proxy_norm_moments", wrong)
+    with pytest.raises(VerificationError, match="nothing was written"):
+        normfx.export(model, x, tmp_path / "bad.onnx", policy=["proxynorm", "fuse"])
+    assert not (tmp_path / "bad.onnx").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -188,3 +189,45 @@ def test_std_conv_standardizes_each_output_channel(cls, conv, shape):
     assert torch.equal(again(x), std(x))
     with pytest.raises(ValueError, match="ws_eps"):
         cls(4, 6, 3, ws_eps=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_parametric_activation_in_half_precision_matches_fp32(dtype, tol):
+    torch.manual_seed(0)
+    layer = ProxyNormAct(4, nn.PReLU(4))
+    with torch.no_grad():
+        layer.activation.weight.copy_(torch.tensor([0.1, 0.25, -0.2, 0.5]))
+        layer.bias.copy_(torch.tensor([0.0, 0.3, -0.5, 1.0]))
+        layer.proxy_weight.copy_(torch.tensor([0.0, 0.1, -0.2, 0.3]))
+    x = torch.randn(2, 4, 3, 3)
+    reference = layer(x).detach()
+    half = copy.deepcopy(layer).to(dtype)
+    out = half(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert float((out.float() - reference).abs().max() / reference.abs().max()) < tol
+    out.float().square().sum().backward()  # gradients reach the half-precision PReLU weight
+    assert half.activation.weight.grad is not None and half.activation.weight.grad.dtype == dtype
+    mean, var = half.proxy_moments()
+    ref_mean, ref_var = layer.proxy_moments()
+    torch.testing.assert_close(mean, ref_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(var, ref_var, rtol=tol, atol=tol)
+
+
+def test_input_and_argument_validation():
+    layer = ProxyNormAct(4, nn.ReLU())
+    with pytest.raises(ValueError, match="rank >= 2"):
+        layer(torch.randn(4))
+    assert layer(torch.randn(3, 4)).shape == (3, 4)
+    with pytest.raises(ValueError, match="num_channels"):
+        ProxyNormAct(True, nn.ReLU())
+    for bad in (200.5, 1, True):
+        with pytest.raises(ValueError, match="num_samples"):
+            ProxyNormAct(4, nn.ReLU(), num_samples=bad)
+    # the rank check does not get in torch.fx's way: traced, the model still runs and still checks
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Identity(), ProxyNormAct(4, nn.ReLU())))
+    x = torch.randn(2, 4, 5)
+    torch.testing.assert_close(traced(x), layer(x))
+    with pytest.raises(ValueError, match="rank >= 2"):
+        traced(torch.randn(4))
+    # dtype rule (documented): the output follows torch type promotion of the input with the parameters
+    assert layer(torch.randn(2, 4, 3).bfloat16()).dtype == torch.float32

@@ -17,6 +17,7 @@ folds them (:meth:`ProxyNormAct.proxy_moments` gives them).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Iterable
 
 import torch
@@ -31,14 +32,17 @@ PROXY_EPS = 0.03
 
 def proxy_quantiles(num_samples: int = PROXY_SAMPLES, dtype: torch.dtype = torch.float64) -> Tensor:
     """The ``num_samples`` midpoint quantiles of N(0, 1): ``sqrt(2)·erfinv(2(i + 0.5)/n − 1)``, computed in float64."""
-    if num_samples < 2:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 to have a proxy variance, got {num_samples}")
     levels = (torch.arange(num_samples, dtype=torch.float64) + 0.5) * (2.0 / num_samples) - 1.0
     return (math.sqrt(2.0) * torch.special.erfinv(levels)).to(dtype)
 
 
 def _per_channel(vector: Tensor, like: Tensor) -> Tensor:
-    """``(C,)`` → ``(1, C, 1, ..., 1)`` to broadcast against a channels-first ``like`` of any rank."""
+    """``(C,)`` → ``(1, C, 1, ..., 1)`` to broadcast against a channels-first ``like`` of any rank ≥ 2."""
+    if like.dim() < 2:  # here, not in forward: torch.fx keeps this call a leaf, so tracing never reads the rank
+        raise ValueError(f"ProxyNormAct expects a channels-first input (N, C, ...) of rank >= 2, got shape "
+                         f"{tuple(like.shape)}")
     return vector.reshape((1, -1) + (1,) * (like.dim() - 2))
 
 
@@ -66,15 +70,23 @@ class ProxyNormAct(nn.Module):
         num_channels: C, the size of dim 1 of the input (channels-first, any rank ≥ 2).
         activation: an elementwise activation, as a module (``nn.ReLU()``, ``nn.SiLU()``, ``nn.GELU()``, ...;
             a per-channel one such as ``nn.PReLU(C)`` works too) or a callable (``torch.tanh``).
-        num_samples: proxy quantiles (official: 200). eps: the proxy ε (official: 0.03).
+        num_samples: proxy quantiles, an int ≥ 2 (official: 200). eps: the proxy ε (official: 0.03).
+
+    Input: channels-first ``(N, C, ...)`` of rank ≥ 2 (a 1-D ``(C,)`` raises ``ValueError``). Dtypes: the proxy
+    statistics are computed in ``promote_types(parameter dtype, float32)``; the activation's own parameters (a
+    ``nn.PReLU``'s weight) are cast to that dtype for them, so a ``.half()``/``.bfloat16()`` layer works. The output
+    follows torch type promotion of the input with the layer's parameters: an fp32 layer given a bf16 input returns
+    fp32, a bf16 layer given an fp32 input returns fp32 too; cast the layer (``.to(dtype)``) to keep a dtype.
     """
 
     def __init__(self, num_channels: int, activation: nn.Module | Callable[[Tensor], Tensor] | None = None, *,
                  num_samples: int = PROXY_SAMPLES, eps: float = PROXY_EPS, device: Any = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not isinstance(num_channels, int) or num_channels < 1:
+        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
             raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 2:
+            raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         if activation is None:
@@ -99,10 +111,20 @@ class ProxyNormAct(nn.Module):
         q = self.quantiles.to(dtype)
         proxy_y = (1.0 + self.proxy_weight.to(dtype)).unsqueeze(1) * q + self.proxy_bias.to(dtype).unsqueeze(1)
         pre = self.weight.to(dtype).unsqueeze(1) * proxy_y + self.bias.to(dtype).unsqueeze(1)
-        proxy_z = self.activation(pre.unsqueeze(0)).squeeze(0)  # (1, C, n): per-channel activations see dim 1
+        proxy_z = self._activation_in(pre.unsqueeze(0), dtype).squeeze(0)  # (1, C, n): per-channel ones see dim 1
         mean = proxy_z.mean(dim=1)
         var = (proxy_z - mean.unsqueeze(1)).square().mean(dim=1)
         return mean, var
+
+    def _activation_in(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The activation on ``x`` (of ``dtype``); its parameters of another dtype (a half-precision ``nn.PReLU``'s
+        weight) cast to ``dtype`` for this call, so that no op mixes dtypes. Decided on the module's parameters,
+        never on ``x``: torch.fx tracing and the fp32 path (plain call) are unchanged."""
+        params = dict(self.activation.named_parameters())
+        if all(p.dtype == dtype for p in params.values()):
+            return self.activation(x)
+        cast = {name: p.to(dtype) if p.is_floating_point() else p for name, p in params.items()}
+        return torch.func.functional_call(self.activation, cast, (x,))
 
     def _apply(self, fn, recurse=True):  # .double(), .half(), .to(...): quantiles recomputed, never rounded twice
         result = super()._apply(fn, recurse)

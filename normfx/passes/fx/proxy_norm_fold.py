@@ -454,6 +454,10 @@ def fold_site(state: GraphState, site: PnSite, *, forward: bool = True) -> tuple
                 scale_layers, scale_why = _scale_terminals(state, post, channels, rank)
             if not scale_layers:
                 unit = None
+            elif not _split_fits(unit, like.dtype, headroom=_UNIT_HEADROOM, mean=mean):
+                # the 1/mean rescale of a nearly dead channel (mean ~ 1e-5 → 1e5) overflows a half-precision
+                # model: take the next exact option, the per-channel clamp (its scale is inv_std, not 1/mean)
+                unit, scale_layers = None, []
         split = unit if unit is not None else split_proxy_norm(pn.weight, pn.bias, mean, inv_std, move_scale=True,
                                                                bounds=bounds, absorb_offset=True)
     elif form == "homogeneous":
@@ -462,6 +466,10 @@ def fold_site(state: GraphState, site: PnSite, *, forward: bool = True) -> tuple
         split = split_proxy_norm(pn.weight, pn.bias, mean, inv_std)
         if forward:
             scale_layers, scale_why = _scale_terminals(state, post, channels, rank)
+    if not _split_fits(split, like.dtype):
+        _undo_probes(state, site, pre, act, post, full_paths, original)
+        return False, (f"a folded value is out of range for {like.dtype} (proxy mean {np.min(np.abs(mean)):.3g}, "
+                       f"inv_std {np.max(inv_std):.3g}): folding would make inf/NaN"), {}
     norm_node, norm_why = _norm_before(state, pre, channels, rank)
     pre_site, pre_layer, pre_why = None, None, norm_why
     if norm_node is None:
@@ -471,23 +479,13 @@ def fold_site(state: GraphState, site: PnSite, *, forward: bool = True) -> tuple
     clamp = not full_paths and form == "clamp" and unit is None  # per-channel bounds: buffers
     post_left = not full_paths and form != "clamp" and not split.post_is_identity
     if (norm_node is None and pre_layer is None or clamp or post_left) and rank is None:
-        for path_site, layer, slid in full_paths:
-            state.responses.pop(layer, None)
-            if slid:
-                _unslide(path_site.node, act, slid)
-        with graph.inserting_before(pre):
-            restored = graph.call_module(site.target, *original)
-        for probe in [n for n in act.users if n is not post] + [post]:  # a full fold split the probes
-            probe.replace_all_uses_with(restored)
-            graph.erase_node(probe)
-        graph.erase_node(act)
-        graph.erase_node(pre)
-        site.node = restored
+        _undo_probes(state, site, pre, act, post, full_paths, original)
         return False, ("its input rank is unknown, and part of its affine would stay in the graph as per-channel "
                        f"constants (pre-affine: {pre_why or 'folds'}; post-affine: {post_why}); pass example_inputs "
                        "to prove the rank"), {}
 
     # apply: pre-affine
+    finite_before = _finite_tensors(state.gm)
     details: dict[str, Any] = {"activation": type(pn.activation).__name__}
     left = 0
     if norm_node is not None:
@@ -567,10 +565,67 @@ def fold_site(state: GraphState, site: PnSite, *, forward: bool = True) -> tuple
             details["post"] = f"kept: Mul + Add ({post_why}; {scale_why})" if scale_why else f"kept: Mul + Add ({post_why})"
             left += 2
     details["leftover_ops"] = left
+    broken = sorted(n for n, ok in _finite_tensors(state.gm).items() if not ok and finite_before.get(n, True))
+    if broken:
+        raise RewriteError(f"folding ProxyNormAct '{site.name}' made non-finite {like.dtype} values in "
+                           f"{', '.join(broken)}; refusing to return a broken model")
     reason = f"statistics folded; pre-affine → {details['pre']}; post-affine → {details['post']}"
     if details["activation"] != type(pn.activation).__name__:
         reason += f"; {details['activation']}"
     return True, reason, details
+
+
+# the 1/mean rescale multiplies the normalized input (|x̂| up to a few units, times the weight) before the
+# activation: keep its folded values this far below the dtype's largest finite value
+_UNIT_HEADROOM = 2.0 ** 8
+
+
+def _split_fits(split, dtype: torch.dtype, *, headroom: float = 1.0, mean: np.ndarray | None = None) -> bool:
+    """Whether every value of a :class:`ProxyNormSplit` (and ``1 / mean`` when given) is finite and within
+    ``finfo(dtype).max / headroom`` (a clamp's bounds may be ±inf where the activation has none)."""
+    if not dtype.is_floating_point:
+        return True
+    limit = float(torch.finfo(dtype).max) / headroom
+    values = [split.pre_scale, split.pre_shift, split.offset, split.scale, split.shift]
+    if mean is not None:
+        with np.errstate(divide="ignore"):
+            values.append(1.0 / np.asarray(mean, dtype=np.float64))
+    for v in values:
+        v = np.asarray(v, dtype=np.float64)
+        if not np.all(np.isfinite(v)) or np.any(np.abs(v) > limit):
+            return False
+    for bound in (split.lower, split.upper):
+        if bound is None:
+            continue
+        v = np.asarray(bound, dtype=np.float64)
+        finite = v[np.isfinite(v)]
+        if np.any(np.isnan(v)) or np.any(np.abs(finite) > limit):
+            return False
+    return True
+
+
+def _finite_tensors(gm: nn.Module) -> dict[str, bool]:
+    """Each floating parameter and buffer of ``gm`` by name: all finite?"""
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    return {name: bool(torch.isfinite(t).all()) for name, t in named if t.is_floating_point()}
+
+
+def _undo_probes(state: GraphState, site: PnSite, pre: fx.Node, act: fx.Node, post: fx.Node, full_paths: list,
+                 original: tuple) -> None:
+    """Put the ProxyNormAct call back in place of the deciding probes (nothing applied yet)."""
+    graph = state.gm.graph
+    for path_site, layer, slid in full_paths:
+        state.responses.pop(layer, None)
+        if slid:
+            _unslide(path_site.node, act, slid)
+    with graph.inserting_before(pre):
+        restored = graph.call_module(site.target, *original)
+    for probe in [n for n in act.users if n is not post] + [post]:  # a full fold split the probes
+        probe.replace_all_uses_with(restored)
+        graph.erase_node(probe)
+    graph.erase_node(act)
+    graph.erase_node(pre)
+    site.node = restored
 
 
 def _scalar(values: np.ndarray | None) -> float | None:

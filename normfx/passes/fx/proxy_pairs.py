@@ -53,6 +53,7 @@ from .norm_swap import (
     make_group_norm,
     norm_words,
     post_modules,
+    replace_all,
     swap_options,
 )
 from .patterns import describe_node, functional_name
@@ -337,12 +338,45 @@ def run(model: nn.Module, ctx) -> nn.Module:
             continue
         owner = max((p for p in untraceable if p == "" or name.startswith(p + ".")), key=len, default=None)
         if owner is not None:
-            where = f"'{owner}'" if owner else "the model"
-            reason = f"{where} cannot be traced by torch.fx, so the activation after this BN is unknown"
-        else:
-            reason = "never called by the model's forward (torch.fx found no call of it)"
+            result = _swap_untraced(result, name, owner, ctx, norm_for, opts)
+            continue
+        reason = "never called by the model's forward (torch.fx found no call of it)"
         ctx.report.add(name, ctx.rule, SKIPPED, reason, source=type(targets[name]).__name__)
     return result
+
+
+def _swap_untraced(model: nn.Module, name: str, owner: str, ctx, norm_for, opts) -> nn.Module:
+    """A BN inside a part torch.fx cannot trace: the plain module swap of ``groupnorm`` (the norm with affine, the
+    activation kept), so that no batch statistics are left behind; its activation is unknown, so no ProxyNormAct."""
+    bn = model.get_submodule(name) if name else model
+    source = type(bn).__name__
+    part = f"'{owner}'" if owner else "the model"
+    if not is_batchnorm(bn):
+        ctx.report.add(name, ctx.rule, SKIPPED, f"{source} at this path is not a BN any more", source=source)
+        return model
+    post, groups, why = norm_for(name, bn, [])
+    if post is None or not groups.count:
+        ctx.report.add(name, ctx.rule, SKIPPED, f"torch.fx cannot trace {part}, and no module swap either: {why}",
+                       source=source)
+        return model
+    norm = make_group_norm(bn, groups.count, affine=True, post=post)
+    model = replace_all(model, bn, norm)
+    reason = (f"{source} → {norm_words(groups.count, bn.num_features)} with affine: torch.fx cannot trace {part}: "
+              "its activation is unknown, so GroupNorm with affine, no ProxyNormAct")
+    if post:
+        reason += f"; then its own {', '.join(type(m).__name__ for m in post.values())}"
+    if bn.weight is None:
+        reason += " (affine=False BN: no affine)"
+    if "2-D" in groups.rule or "not proven" in groups.rule:
+        reason += f" ({groups.rule})"
+    details: dict[str, Any] = {"source": source, "result": [type(norm).__name__], "groups": groups.count,
+                               "group_rule": groups.rule, "calls": 0, "activation": None, "modules": {"norm": name}}
+    if opts.ws:
+        reason += f"; no Weight Standardization: torch.fx cannot trace {part}, so the conv feeding it is unknown"
+        details["ws_convs"] = []
+        details["ws_skipped"] = [f"torch.fx cannot trace {part}"]
+    ctx.report.add(name, ctx.rule, APPLIED, reason, **details)
+    return model
 
 
 def part_name(state: GraphState, target: str) -> str:
