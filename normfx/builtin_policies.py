@@ -166,7 +166,8 @@ register_policy(
         "weight/bias start from the BN's gamma/beta (kept at the BN's path; the norm sits at '<bn>_norm'); a BN "
         "without an activation after it becomes the norm with its affine; BN+activation subclasses give "
         "ProxyNormAct(their activation). Default norm: GroupNorm with the largest divisor of C that is <= 4 "
-        "(>= 2 channels per group); 1 group on 2-D inputs. Needs torch.fx (untraceable parts are reported).",
+        "(>= 2 channels per group); 1 group on 2-D inputs. Needs torch.fx: a BN in a part it cannot trace gets "
+        "GroupNorm with affine (its activation is unknown), reported.",
         options={
             **_GROUP_OPTIONS,
             "norm": Option("norm", str, "groupnorm", "the norm before ProxyNormAct: groupnorm or layernorm "
