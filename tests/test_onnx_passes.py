@@ -49,22 +49,21 @@ def entries(report) -> list[tuple[str, str, str]]:
     return [(e.name, e.status, e.reason) for e in report.entries]
 
 
-def check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, policy="fuse", bn_left: int = 0, **options):
-    """Rewrite, then prove it: caller's model untouched, checker + strict shape inference pass,
-    ORT outputs equal (rel ≤ 1e-5), BN count, model fields kept, explain reports the same and
-    changes nothing. Returns (new model, report, worst relative error)."""
+def prove_rewrite(model: onnx.ModelProto, feeds: dict[str, np.ndarray], policy, **options):
+    """Rewrite, then prove what every ONNX pass owes: caller's model untouched, checker + strict shape
+    inference pass, ORT outputs equal (rel ≤ 1e-5), graph inputs/outputs and model fields kept, explain
+    reports the same entries and changes nothing. Returns (new model, report, reference outputs, worst error)."""
     before = model.SerializeToString()
     out, report = rewrite_with_report(model, policy, **options)
     assert model.SerializeToString() == before, "the caller's ModelProto changed"
     assert isinstance(out, onnx.ModelProto) and out is not model
     onnx.checker.check_model(out, full_check=True)
     onnx.shape_inference.infer_shapes(out, strict_mode=True, check_type=True)
-    worst = 0.0
-    for r, c in zip(ort_run(model, feeds), ort_run(out, feeds)):
+    reference, worst = ort_run(model, feeds), 0.0
+    for r, c in zip(reference, ort_run(out, feeds)):
         assert r.shape == c.shape
         worst = max(worst, rel(r, c))
     assert worst <= TOL, f"relative error {worst:.3g}"
-    assert count(out) == bn_left, [(n.op_type, n.name) for n in out.graph.node]
     assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output]
     assert [i.name for i in out.graph.input] == [i.name for i in model.graph.input]
     assert out.ir_version == model.ir_version
@@ -72,9 +71,16 @@ def check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, policy="fuse"
     assert list(out.metadata_props) == list(model.metadata_props)
     for field in ("producer_name", "producer_version", "doc_string", "model_version", "domain"):
         assert getattr(out, field) == getattr(model, field), field
-    dry = explain(model, policy, **options)
-    assert entries(dry) == entries(report)
+    assert entries(explain(model, policy, **options)) == entries(report)
     assert model.SerializeToString() == before
+    return out, report, reference, worst
+
+
+def check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], *, policy="fuse", bn_left: int = 0, **options):
+    """:func:`prove_rewrite`, and ``bn_left`` BatchNormalization nodes remain. Returns (new model, report, worst
+    relative error)."""
+    out, report, _, worst = prove_rewrite(model, feeds, policy, **options)
+    assert count(out) == bn_left, [(n.op_type, n.name) for n in out.graph.node]
     return out, report, worst
 
 
