@@ -3,8 +3,10 @@
 #   ./run.sh setup   create .venv with the pinned versions of constraints.txt (torch 2.13.0, CPU build)
 #   ./run.sh demo    the main job: fold, export, verify and time the default zoo model (writes out/)
 #   ./run.sh test    the test suite
-#   ./run.sh bench   the benchmarks (tables on stdout, JSON in benchmarks/results/)
+#   ./run.sh bench   the benchmarks (tables on stdout, JSON in out/benchmarks/; `./run.sh bench --commit` writes
+#                    the committed benchmarks/results/ instead: do it on a quiet machine, after committing the code)
 #   ./run.sh lint    ruff
+#   ./run.sh normfx ARGS...   the normfx command line from .venv (e.g. ./run.sh normfx export --model resnet18 ...)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -33,11 +35,17 @@ case "${1:-}" in
         "$BIN/python" -m pytest -q -n 2 ;;
     bench)
         setup
-        for script in benchmarks/bench_*.py; do "$BIN/python" "$script"; done ;;
+        results="$OUT/benchmarks"
+        if [ "${2:-}" = "--commit" ]; then results=benchmarks/results; fi
+        for script in benchmarks/bench_*.py; do "$BIN/python" "$script" --out "$results"; done ;;
+    normfx)
+        setup
+        shift
+        exec "$BIN/python" -m normfx "$@" ;;
     lint)
         setup
         "$BIN/ruff" check normfx tests benchmarks ;;
     *)
-        echo "usage: ./run.sh setup|demo|test|bench|lint" >&2
+        echo "usage: ./run.sh setup|demo|test|bench [--commit]|lint|normfx ARGS..." >&2
         exit 2 ;;
 esac

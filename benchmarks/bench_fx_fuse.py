@@ -4,9 +4,9 @@ normfx gets a batch-1 example input (as ``normfx export`` passes it): it proves 
 
 For each model: BN calls folded by each, max relative error of each against the original, pass time
 (median over interleaved repetitions) and torch eager CPU latency of both fused models (interleaved),
-as ratios normfx / fx fuse. Prints a table and writes JSON (``--out``).
+as ratios normfx / fx fuse. Prints a table and writes JSON to ``out/benchmarks/`` (``--out benchmarks/results`` updates the committed file).
 
-    python benchmarks/bench_fx_fuse.py [--models resnet18,unet] [--repeats 7] [--runs 30] [--out benchmarks/results/fx_fuse.json]
+    python benchmarks/bench_fx_fuse.py [--models resnet18,unet] [--repeats 7] [--runs 30] [--out out/benchmarks|benchmarks/results]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import time
 
 import torch
-from _results import ratio_summary, report
+from _results import add_out_argument, ratio_summary, report, result_path
 from torch import fx
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
@@ -85,6 +85,11 @@ def bench_model(name: str, repeats: int, runs: int, batch: int) -> dict:
     return row
 
 
+# What this benchmark measures: a change to any of these paths makes benchmarks/results/fx_fuse.json stale.
+MEASURES = ["benchmarks/bench_fx_fuse.py", "normfx/passes/fx", "normfx/fold.py", "normfx/engine.py",
+            "normfx/builtin_policies.py", "normfx/layers", "normfx/models", "normfx/inspect.py"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(models.names()))
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30, help="eager latency runs per fused model")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results/fx_fuse.json")
+    add_out_argument(parser, "fx_fuse.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "batch": args.batch,
     }
-    report(summary, rows, args.out)
+    report(summary, rows, result_path(args.out, "fx_fuse.json"), measures=MEASURES)
     return 0
 
 

@@ -8,7 +8,7 @@ For each zoo model, the unfused export (torch.onnx, constant folding off, every 
 - ORT CPU latency of the normfx graph vs the original, both with ORT's own optimizations fully on,
   interleaved in one run (ratio of medians).
 
-    python benchmarks/bench_onnx.py [--models resnet18,unet] [--runs 100] [--threads 1] [--out benchmarks/results/onnx.json]
+    python benchmarks/bench_onnx.py [--models resnet18,unet] [--runs 100] [--threads 1] [--out out/benchmarks|benchmarks/results]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 import onnx
 import onnxoptimizer
 import onnxruntime as ort
-from _results import ratio_summary, report
+from _results import add_out_argument, ratio_summary, report, result_path
 
 import normfx
 from normfx import models
@@ -87,6 +87,11 @@ def bench_model(name: str, args) -> dict:
     return row
 
 
+# What this benchmark measures: a change to any of these paths makes benchmarks/results/onnx.json stale.
+MEASURES = ["benchmarks/bench_onnx.py", "normfx/passes/onnx", "normfx/fold.py", "normfx/engine.py",
+            "normfx/builtin_policies.py", "normfx/export.py", "normfx/runtime.py", "normfx/models"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(n for n in models.names()))
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default="benchmarks/results/onnx.json")
+    add_out_argument(parser, "onnx.json")
     args = parser.parse_args(argv)
     header = (f"{'model':<20} {'BN':>4} {'left nfx/ort/onnxopt':>21} {'rel err':>8} {'pass ms nfx/onnxopt':>20} "
               f"{'ratio':>6} {'ORT ms own/nfx':>15} {'ratio':>6}")
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "runs": args.runs,
     }
-    report(summary, rows, args.out)
+    report(summary, rows, result_path(args.out, "onnx.json"), measures=MEASURES)
     return 0
 
 

@@ -15,7 +15,7 @@ For each zoo model (default: resnet18, resnet50, efficientnet_b0), from the same
     per-round ratios.
 
     python benchmarks/bench_proxynorm.py [--models resnet18,efficientnet_b0] [--runs 100] [--blocks 15] [--train-runs 25]
-        [--batch 1] [--train-batch 8] [--threads 1] [--out benchmarks/results/proxynorm.json]
+        [--batch 1] [--train-batch 8] [--threads 1] [--out out/benchmarks|benchmarks/results]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 
 import onnxruntime as ort
 import torch
-from _results import ratio_summary, report
+from _results import add_out_argument, ratio_summary, report, result_path
 
 import normfx
 from normfx import models
@@ -147,6 +147,12 @@ def bench_training(name: str, built: dict, args) -> dict:
     return row
 
 
+# What this benchmark measures: a change to any of these paths makes benchmarks/results/proxynorm.json stale.
+MEASURES = ["benchmarks/bench_proxynorm.py", "normfx/layers", "normfx/passes/fx", "normfx/passes/onnx",
+            "normfx/fold.py", "normfx/engine.py", "normfx/builtin_policies.py", "normfx/export.py", "normfx/runtime.py",
+            "normfx/models"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=DEFAULT_MODELS)
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="ORT batch")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results/proxynorm.json")
+    add_out_argument(parser, "proxynorm.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     header = (f"{'model':<16} {'PN':>3} {'left ops':>8} {'fused err':>9} {'fp32 noise':>10} "
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     summary.update({"onnxruntime": ort.__version__, "torch": torch.__version__, "threads": args.threads,
                     "runs": args.runs, "blocks": args.blocks, "seed": args.seed, "batch": args.batch, "train_batch": args.train_batch,
                     "train_runs": args.train_runs})
-    report(summary, rows, args.out)
+    report(summary, rows, result_path(args.out, "proxynorm.json"), measures=MEASURES)
     return 0
 
 

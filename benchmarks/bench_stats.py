@@ -26,7 +26,7 @@ statistics (unbiased variance, PyTorch's convention). Errors: mean as max |Δμ|
 |Δvar|/var, over channels and layers.
 
     python benchmarks/bench_stats.py [--batches 10] [--batch-size 16] [--size 112] [--rounds 7]
-                                     [--models tv_resnet18,resnet18] [--out benchmarks/results/stats.json]
+                                     [--models tv_resnet18,resnet18] [--out out/benchmarks|benchmarks/results]
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
 from typing import Any, Callable
 
 import torch
+from _results import add_out_argument, provenance, result_path
 from torch import nn
 
 from normfx import models
@@ -295,6 +295,10 @@ def format_table(result: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+# What this benchmark measures: a change to any of these paths makes benchmarks/results/stats.json stale.
+MEASURES = ["benchmarks/bench_stats.py", "normfx/stats", "normfx/models"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tv_resnet18,resnet18")
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--methods", default=",".join(METHODS), help="subset of: " + ", ".join(METHODS))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "stats.json"))
+    add_out_argument(parser, "stats.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -318,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         print(format_table(result, args), flush=True)
         print()
+    out = result_path(args.out, "stats.json")
     payload = {
+        **provenance(MEASURES),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": {"batches": args.batches, "batch_size": args.batch_size, "size": args.size, "rounds": args.rounds},
@@ -326,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     text = json.dumps(payload, indent=2)
     print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        atomic_write_text(args.out, text + "\n")
+    if out:
+        atomic_write_text(out, text + "\n")
+        print(f"wrote {out} (commit {payload['commit'] or 'unknown'})")
     return 0
 
 

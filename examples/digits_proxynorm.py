@@ -40,11 +40,12 @@ BN in eval mode uses its running statistics):
 Both are averaged over layers. The paper's decomposition E[Y²] = (E_b μ_{b,c})² + Var_b μ_{b,c} + (E_b σ_{b,c})²
 + Var_b σ_{b,c} (averaged over c; ≈ 1 for every variant) is in the .md as four shares summing to 1.
 
-Writes ``digits_proxynorm.{md,json,png}`` beside this file (or ``--out-dir``), prints the tables.
+Writes ``digits_proxynorm.{md,json,png}`` to ``out/examples/`` (``--out examples``: the committed files beside this
+script), prints the tables.
 Deterministic per seed for a given torch build and thread count (CPU); about 4 minutes on one thread (the
 ``BN (batch 2)`` runs take half of it).
 
-    python examples/digits_proxynorm.py [--out-dir examples] [--seeds 3] [--epochs 10] [--threads 1]
+    python examples/digits_proxynorm.py [--out examples] [--seeds 3] [--epochs 10] [--threads 1]
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from normfx.io_utils import atomic_path, atomic_write_text  # noqa: E402
 from normfx.layers import ProxyNormAct, StdConv2d, param_groups  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join("out", "examples")  # git-ignored; `--out examples` updates the committed files
 BATCH = 32
 SMALL_BATCH = 2
 LR = 0.05  # at batch 32; scaled linearly with the batch size
@@ -497,7 +499,9 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default=HERE)
+    parser.add_argument("--out", "--out-dir", dest="out_dir", default=DEFAULT_OUT,
+                        help="folder for the md/json/png (default: %(default)s, git-ignored; give `examples` to update "
+                             "the committed files)")
     parser.add_argument("--seed", type=int, default=0, help="data split seed")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (initialization and data order)")
     parser.add_argument("--epochs", type=int, default=EPOCHS)

@@ -5,10 +5,12 @@ The public API, re-exported from the modules that implement it.
 
 __version__ = "0.1.0"
 
-from . import errors, layers, models, testing  # noqa: E402
+from . import accumulate, conventions, ema, errors, layers, models, testing  # noqa: E402
+from .accumulate import accumulate_gradients  # noqa: E402
 from .engine import explain, rewrite, rewrite_with_report  # noqa: E402
 from .errors import NormfxError  # noqa: E402
 from .export import ExportResult, export  # noqa: E402
+from .lint import LintReport, lint  # noqa: E402
 from .policy import Option, PolicySpec, parse_policy, policy_names, register_policy  # noqa: E402
 from .report import Entry, Report  # noqa: E402
 from .stats import diagnose_ema, recompute_stats, recompute_stats_with_report  # noqa: E402
@@ -20,12 +22,18 @@ __all__ = [
     "layers",
     "models",
     "testing",
+    "ema",
+    "accumulate",
+    "accumulate_gradients",
     "export",
     "ExportResult",
     "rewrite",
     "rewrite_with_report",
     "explain",
     "verify",
+    "lint",
+    "LintReport",
+    "conventions",
     "VerifyResult",
     "recompute_stats",
     "recompute_stats_with_report",

@@ -26,6 +26,7 @@ __all__ = [
     "per_group",
     "shift_before_scale",
     "grows",
+    "affine_before_bn",
 ]
 
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
@@ -124,3 +125,15 @@ def shift_before_scale(scale: Any, shift: Any) -> np.ndarray | None:
     nonzero = s != 0.0
     out[nonzero] = t[nonzero] / s[nonzero]
     return out
+
+
+def affine_before_bn(mean: Any, weight: Any, scale: Any, shift: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """A per-channel affine ``x * s + t`` followed by a BatchNorm (running mean ``μ``, weight ``γ``), as the same
+    BatchNorm with ``μ' = (μ − t) / s`` and ``γ' = γ s`` (float64; the variance, bias and eps are unchanged):
+    ``γ (x s + t − μ) / σ + β = γ s (x − (μ − t) / s) / σ + β``. Exact; None when some channel has ``s = 0``
+    (the BN would see a constant there) or a value is not finite."""
+    s, t, mu, w = (_f64(v).reshape(-1) for v in (scale, shift, mean, weight))
+    if np.any(s == 0.0) or not all(np.all(np.isfinite(v)) for v in (s, t, mu, w)):
+        return None
+    s, t = np.broadcast_to(s, mu.shape), np.broadcast_to(t, mu.shape)
+    return (mu - t) / s, w * s

@@ -48,8 +48,10 @@ register_policy(
     PolicySpec(
         "fuse",
         "Fold BatchNorm into the adjacent Conv/ConvTranspose/Linear (before or after it) for inference; also fold "
-        "ProxyNormAct's constant statistics and affines, StdConv kernels, and (ONNX) constant subgraphs and "
-        "per-channel Mul/Add chains.",
+        "ProxyNormAct's constant statistics and affines, StdConv kernels, other libraries' frozen BNs (torchvision, "
+        "detectron2, timm; matched by behaviour), per-channel Mul/Add chains (x * w + b: merged into the BN next to "
+        "them, else folded into the adjacent layer like a BN) and (ONNX) constant subgraphs; the torch result calls "
+        "no Identity, no Dropout left in eval and no wrapper around a kept activation.",
         options={
             "forward": Option("forward", bool, True, "also fold a BN into the conv/linear that follows it"),
             "duplicate_shared": Option(
@@ -59,6 +61,11 @@ register_policy(
                 "border_correction", bool, False,
                 "fold a BN into a following zero-padded conv / ConvTranspose with an exact per-position constant "
                 "(needs a fixed input shape; ties the model to it and adds an elementwise Add)",
+            ),
+            "merge_branches": Option(
+                "merge_branches", bool, True,
+                "merge a sum of convs reading one tensor (and its identity / identity-BN branch) into one conv "
+                "(structural reparameterization: RepVGG, MobileOne); declined with the reason where it would not be exact",
             ),
         },
         torch_pass=_lazy("normfx.passes.fx.fuse:run"),
@@ -188,5 +195,83 @@ register_policy(
         options={"eps": Option("eps", float, 1e-6, "added to the variance of each output channel's weights")},
         torch_pass=_lazy("normfx.passes.fx.weight_std:run"),
         exact=False,
+    )
+)
+
+# Normalization batch size and train/test consistency (torch route): module swaps keeping the BN's state_dict keys;
+# each is BatchNorm itself in eval mode, only training normalizes differently (normfx.layers, docs/training.md).
+_VARIANT_NOTE = (" Swaps BatchNorm1d/2d/3d and SyncBatchNorm (state, eps, momentum and mode kept; same output in eval "
+                 "mode); Frozen BN, BN subclasses with their own forward and other variants are reported, not swapped.")
+register_policy(
+    PolicySpec(
+        "ghost",
+        "Ghost BN: normalize each virtual batch of virtual_batch_size samples on its own statistics (decreases the "
+        "normalization batch size); every virtual batch updates the EMA with momentum 1-(1-m)^(1/k), the last virtual "
+        "batch holds the remainder." + _VARIANT_NOTE,
+        options={"virtual_batch_size": Option("virtual_batch_size", int, 32, "samples per virtual batch (>= 1)")},
+        torch_pass=_lazy("normfx.passes.fx.bn_variants:run_ghost"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "virtual",
+        "Virtual BN: training statistics over the batch plus up to reference_size recent samples of each layer's input "
+        "(forward-only, no gradient; increases the normalization batch size at a time/memory cost)." + _VARIANT_NOTE,
+        options={"reference_size": Option("reference_size", int, 32, "reference samples per layer (>= 1)")},
+        torch_pass=_lazy("normfx.passes.fx.bn_variants:run_virtual"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "sync",
+        "Sync BN: normfx.layers.SyncBatchNorm (torch's nn.SyncBatchNorm, plus a CPU/gloo path): statistics over the "
+        "union of all ranks' batches (increases the normalization batch size); plain BatchNorm in one process."
+        + _VARIANT_NOTE,
+        torch_pass=_lazy("normfx.passes.fx.bn_variants:run_sync"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "renorm",
+        "Batch Renorm: training normalizes with batch statistics corrected by r = clip(sigma_B/sigma_EMA, 1/r_max, "
+        "r_max) and d = clip((mu_B-mu_EMA)/sigma_EMA, -d_max, d_max) (no gradient through r, d); needs running "
+        "statistics." + _VARIANT_NOTE,
+        options={
+            "r_max": Option("r_max", float, 3.0, "limit of r (>= 1; 1 with d_max=0 is BatchNorm)"),
+            "d_max": Option("d_max", float, 5.0, "limit of |d| (>= 0)"),
+            "warmup_steps": Option("warmup_steps", int, 0, "training steps with r_max=1, d_max=0 first"),
+            "ramp_steps": Option("ramp_steps", int, 0, "then steps over which the limits grow linearly to r_max/d_max"),
+        },
+        torch_pass=_lazy("normfx.passes.fx.bn_variants:run_renorm"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "separate",
+        "Separate BN: per-domain running statistics (every domain starts from the BN's), affine shared or per domain; "
+        "the domain is chosen by normfx.layers.use_domain(model, k) or the layer's domain argument (default 0)."
+        + _VARIANT_NOTE,
+        options={
+            "num_domains": Option("num_domains", int, 2, "number of domains K (>= 1)"),
+            "shared_affine": Option("shared_affine", bool, True, "one affine for all domains (false: one per domain)"),
+        },
+        torch_pass=_lazy("normfx.passes.fx.bn_variants:run_separate"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "unsync",
+        "Turn SyncBatchNorm layers (torch's or normfx's) back into BatchNorm1d/2d/3d with the same numbers (the input "
+        "rank comes from example_inputs).",
+        torch_pass=_lazy("normfx.passes.fx.bn_variants:run_unsync"),
+    )
+)
+register_policy(
+    PolicySpec(
+        "batchnorm",
+        "Turn Ghost/Virtual/Renorm/Separate/Sync BatchNorm layers back into BatchNorm1d/2d/3d with the same numbers "
+        "(a dimension-agnostic layer's input rank comes from example_inputs).",
+        options={"domain": Option("domain", int, 0, "the domain a SeparateBatchNorm keeps")},
+        torch_pass=_lazy("normfx.passes.fx.bn_variants:run_batchnorm"),
     )
 )

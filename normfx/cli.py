@@ -73,10 +73,23 @@ def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = Non
 
 
 def load_from_args(args: argparse.Namespace):
+    """The model ``--model`` names; a torch model is checked for never-run lazy modules and run once on its example
+    input, so that an input that does not fit is a one-line error here (exit 2), not an internal error later."""
+    from .input_checks import check_example_inputs, check_lazy_modules
     from .loading import load_model, parse_shape
 
     shape = parse_shape(args.input_shape) if args.input_shape else None
-    return load_model(args.model, weights=args.weights, input_shape=shape, batch=args.batch, seed=args.seed)
+    loaded = load_model(args.model, weights=args.weights, input_shape=shape, batch=args.batch, seed=args.seed)
+    if loaded.kind != "onnx":
+        check_lazy_modules(loaded.model, loaded.label)
+        if loaded.example_inputs is not None:
+            hint = "give --input-shape with the shape the model takes"
+            if loaded.kind == "zoo":
+                from . import models
+
+                hint += f" (this zoo model takes {'x'.join(map(str, models.info(args.model).input_shape))})"
+            check_example_inputs(loaded.model, loaded.example_inputs, loaded.label, hint)
+    return loaded
 
 
 def write_json_atomic(path: str, payload: Any, *, protect: Sequence[str] = ()) -> None:
@@ -152,20 +165,10 @@ def _rewrite_check_inputs(args: argparse.Namespace, path: str) -> list:
 
 
 def _check_rewrite_out(path: str, protect: Sequence[str]) -> None:
-    """Refuse ``--out`` early when it is an input file or a folder (its folder is created when written)."""
-    from .errors import InputDataError
+    """Refuse ``--out`` early when it is an input file, a folder, or under a file (missing folders are created)."""
+    from .io_utils import check_output_path
 
-    real = os.path.realpath(path)
-    for source in protect:
-        if os.path.realpath(source) == real:
-            raise InputDataError(f"--out {path!r} is the input file {source!r}: choose another output path")
-    if os.path.isdir(real):
-        raise InputDataError(f"--out {path!r} is a folder; give a file name, e.g. {os.path.join(path, 'model.onnx')}")
-    ancestor = os.path.dirname(real)
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise InputDataError(f"--out {path!r}: {ancestor!r} is a file, not a folder; choose another output path")
+    check_output_path(path, protect)
 
 
 def _external_data_files(path: str) -> list[str]:
@@ -218,10 +221,9 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     loaded = load_from_args(args)
     onnx_model = loaded.kind == "onnx"
     if args.out and not onnx_model:
-        raise InputDataError(
-            f"--out writes ONNX models and {loaded.label} is a torch model: use `normfx export --model {loaded.label} "
-            "--out OUT.onnx` (rewrites, exports to ONNX and verifies)"
-        )
+        from .torch_save import check_torch_out
+
+        check_torch_out(args.out, loaded.label, [p for p in (args.weights, *(args.data or [])) if p])
     raw = policy_from_args(args)
     steps = parse_policy(raw).ordered_steps()
     data_files = _data_files(args.data or [], [s.name for s in steps])
@@ -249,11 +251,16 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     report.model = loaded.label
     exact = all(s.spec.exact for s in policy.ordered_steps())
     failed = exact and not check.ok
-    if args.out and not failed:
+    saved_as = "ONNX model"
+    if args.out and not failed and onnx_model:
         from .io_utils import atomic_write_bytes
 
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         atomic_write_bytes(args.out, result.SerializeToString(), protect=protect)
+    elif args.out and not failed:
+        from .torch_save import save_torch_result
+
+        saved_as = save_torch_result(loaded.model, result, loaded.example_inputs, args.out, policy=str(policy),
+                                     protect=protect)
     written = args.out if args.out and not failed else None
     if args.json:
         emit(json.dumps({"report": report.to_dict(), "verification": check.to_dict(), "exact": exact, "out": written},
@@ -267,7 +274,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
         else:
             emit(f"verification against the original: {check}")
         if written:
-            emit(f"wrote {written}")
+            emit(f"wrote {written} ({saved_as})")
         elif args.out:
             emit(f"nothing written to {args.out}: the verification failed")
     return EXIT_FAILED if failed else EXIT_OK
@@ -308,15 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "own data (repeat: --data unfuse=source.npz --data adaptive=target.npz)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size for array data (default: %(default)s)")
     p.add_argument("--num-batches", type=int, default=0, help="use only the first N batches of --data (0 = all)")
-    p.add_argument("--out", help="write the rewritten ONNX model here (ONNX input only; atomically, folders created, "
-                                 "never over the input)")
+    p.add_argument("--out", help="write the result here (atomically, folders created, never over an input): ONNX in, "
+                                 "ONNX out; a torch model as a state_dict NAME.pt when the policy keeps the module "
+                                 "structure (frozen, unfrozen, precise, adaptive), else a torch.export program NAME.pt2")
     p.add_argument("--strict", action="store_true", help="fail when any targeted layer is skipped")
-    p.add_argument("--rtol", type=float, default=1e-5, help="relative tolerance of the verification")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="exact relative tolerance of the verification (default: against a float64 run of the original, "
+                        "tolerance max(1e-5, 2 x its own float32 error))")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rewrite)
 
     for module_name in ("cli_onnx", "cli_stats"):
         _add_optional_commands(sub, module_name)
+    _add_optional_commands(sub, "cli_lint")
     return parser
 
 

@@ -43,16 +43,22 @@ def _time_pair(baseline: Any, candidate: Any, arrays: list, *, provider: str, op
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export, export_onnx
+    from .io_utils import check_distinct_outputs, check_output_path
+    from .runtime import check_opset
     from .verify import load_inputs
 
+    check_distinct_outputs(out=args.out, report=args.report)
+    check_opset(args.opset)
     loaded = load_from_args(args)
     if loaded.kind != "onnx" and loaded.example_inputs is None:
         raise InputDataError(f"{loaded.label}: no example input is known; give --input-shape")
-    protect = [loaded.model] if loaded.kind == "onnx" else []
-    if args.report:
-        from .io_utils import check_output_path
+    from .cli import _external_data_files
 
-        check_output_path(args.report, protect=protect + [args.out])
+    sources = [loaded.model, *_external_data_files(loaded.model)] if loaded.kind == "onnx" else []
+    protect = [p for p in sources + [args.weights, args.inputs] if p]
+    check_output_path(args.out, protect=protect)
+    if args.report:
+        check_output_path(args.report, protect=protect)
     if loaded.kind == "onnx":
         inputs, check_inputs = (args.inputs or None), None
     else:
@@ -66,13 +72,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         emit(result.torch_report.format())
         emit("")
     emit("ONNX route:")
-    emit(result.onnx_report.format())
+    emit(onnx_route_text(result.onnx_report, after_torch=loaded.kind != "onnx"))
     emit("")
     emit(f"verification (onnxruntime vs {'torch' if loaded.kind != 'onnx' else 'the input graph'}): {result.verification}")
-    for extra in result.extra_checks:
-        emit(f"verification at another batch size: {extra}")
+    checks = _labelled_extra_checks(result, torch_model=loaded.kind != "onnx", dynamic=not args.static_batch)
+    for label, extra in checks:
+        emit(f"verification {label}: {extra}")
     emit(f"BatchNormalization nodes left: {result.batchnorm_left}")
     payload = result.to_dict()
+    payload.setdefault("extra_checks", [{"check": label, **extra.to_dict()} for label, extra in checks])
     if args.runs > 0:
         if loaded.kind == "onnx":
             baseline = loaded.model
@@ -97,6 +105,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def onnx_route_text(report: Any, *, after_torch: bool) -> str:
+    """The ONNX route's report, or in words why it has nothing to list (no empty table)."""
+    if report.entries:
+        return report.format()
+    if after_torch:
+        return ("nothing to do: the exported graph has no normalization node left (the torch.fx route already "
+                "rewrote every layer the policy targets)")
+    return "nothing to do: the graph has no normalization node the policy targets"
+
+
+def _labelled_extra_checks(result: Any, *, torch_model: bool, dynamic: bool) -> list[tuple[str, Any]]:
+    """``export``'s extra verifications with what each one checked (as ``normfx.export`` runs them: another
+    batch size for a dynamic-batch torch export first, then ``--inputs``)."""
+    labels = []
+    if torch_model and dynamic:
+        labels.append("at another batch size")
+    labels += ["on --inputs"] * (len(result.extra_checks) - len(labels))
+    return list(zip(labels, result.extra_checks))
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from .runtime import random_inputs
     from .verify import verify
@@ -112,8 +140,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         emit(f"equivalent: {result}")
     else:
         worst = result.worst
+        versus = "" if result.versus == "reference" else f" vs {result.versus}"
         emit(f"NOT equivalent: output {worst.name} {list(worst.shape)}: max abs error {worst.max_abs_error:.3g}, "
-             f"max rel error {worst.max_rel_error:.3g} (rtol={args.rtol:g}, atol={args.atol:g})")
+             f"max rel error {worst.max_rel_error:.3g}{versus} ({result.tolerance_text()})")
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
@@ -129,6 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.baseline:
         sessions = {"baseline": make_session(args.baseline, provider=args.provider, optimization=args.optimization,
                                              threads=args.threads), **sessions}
+        _check_same_inputs(sessions, arrays, args)
     timings = time_sessions(sessions, arrays, runs=args.runs, warmup=args.warmup, progress=os.isatty(2))
     payload: dict[str, Any] = {k: v.to_dict() for k, v in timings.items()}
     if args.baseline:
@@ -142,6 +172,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.baseline:
         emit(f"ratio model/baseline (medians): {payload['ratio']:.3f}x")
     return EXIT_OK
+
+
+def _check_same_inputs(sessions: dict[str, Any], arrays: Any, args: argparse.Namespace) -> None:
+    """A latency ratio compares two models on the same inputs: refuse a baseline that cannot take them."""
+    from .runtime import feed_for
+
+    try:
+        feed_for(sessions["baseline"], arrays)
+    except InputDataError as exc:
+        given = "--inputs" if args.inputs else f"random inputs of the model's shape (batch {args.batch})"
+        raise InputDataError(
+            f"the baseline {args.baseline!r} cannot run on the inputs of {args.model!r} ({given}): {str(exc).split('; give inputs')[0]}; a ratio needs "
+            "the same inputs: export both with the same input shape (or a dynamic batch axis), or bench each alone"
+        ) from None
 
 
 def _add_runtime_args(parser: argparse.ArgumentParser, *, runs: int) -> None:
@@ -166,7 +210,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--inputs", help=".npz/.npy of inputs to verify on (an .onnx model: instead of random inputs; "
                                     "a torch model: in addition to its example input)")
     p.add_argument("--strict", action="store_true", help="fail when any targeted layer is skipped")
-    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--rtol", type=float, default=None,
+                   help="exact relative tolerance against the reference's float32 outputs (default: judged against a "
+                        "float64 run, tolerance max(1e-5, 2 x the reference's own float32 error))")
     p.add_argument("--atol", type=float, default=0.0)
     _add_runtime_args(p, runs=30)
     p.set_defaults(func=cmd_export, default_policy="fuse")
@@ -175,7 +221,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("reference")
     p.add_argument("candidate")
     p.add_argument("--inputs", help=".npz/.npy of inputs (default: random inputs of the reference's input shapes)")
-    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--rtol", type=float, default=None,
+                   help="exact relative tolerance against the reference's float32 outputs (default: judged against a "
+                        "float64 run, tolerance max(1e-5, 2 x the reference's own float32 error))")
     p.add_argument("--atol", type=float, default=0.0)
     p.add_argument("--batch", type=int, default=1, help="size of a dynamic batch axis for random inputs")
     p.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,9 @@ A *step* is ``"name"`` or ``"name:key=value,key=value"``. A *policy* is a step, 
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -31,10 +33,25 @@ def _to_bool(text: str) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ValueError(f"expected true/false, got {text!r}")
+    raise ValueError(text)
 
 
 _CONVERTERS: dict[type, Callable[[Any], Any]] = {bool: _to_bool, int: int, float: float, str: str}
+# What a value written in a step string must look like, per option type (said once in the error).
+_TEXT_FORMS = {bool: "bool (true/false)", int: "int (e.g. 4)", float: "float (e.g. 1e-5)", str: "str"}
+# The Python types a keyword option (``rewrite(m, "fuse", forward=False)``) may have, per option type.
+_KEYWORD_TYPES: dict[type, tuple[type, ...]] = {
+    bool: (bool,),
+    int: (numbers.Integral,),
+    float: (numbers.Real,),
+    str: (str,),
+}
+
+
+def did_you_mean(name: str, valid: Iterable[str]) -> str:
+    """``" (did you mean 'fuse'?)"`` when a valid name is close to ``name`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -47,14 +64,27 @@ class Option:
     help: str = ""
 
     def convert(self, value: Any, policy: str) -> Any:
-        if isinstance(value, self.type) and not (self.type is int and isinstance(value, bool)):
-            return value
-        try:
-            return _CONVERTERS[self.type](value)
-        except (ValueError, TypeError) as exc:
+        """A value written in a step string (text) or given by keyword (a Python value of the option's type)."""
+        if isinstance(value, str) and self.type is not str:
+            try:
+                return _CONVERTERS[self.type](value)
+            except (ValueError, TypeError):
+                raise PolicyError(
+                    f"policy {policy!r}: option {self.name!r} expects {_TEXT_FORMS[self.type]}, got {value!r}"
+                ) from None
+        return self.check_keyword(value, policy)
+
+    def check_keyword(self, value: Any, policy: str) -> Any:
+        """A keyword option must already have the option's type (no text parsing: ``forward="yes"`` is refused)."""
+        allowed = _KEYWORD_TYPES[self.type]
+        if isinstance(value, bool) and self.type is not bool:
+            allowed = ()
+        if not isinstance(value, allowed):
+            example = {bool: "bool (True/False)", int: "int", float: "float", str: "str"}[self.type]
             raise PolicyError(
-                f"policy {policy!r}: option {self.name!r} expects {self.type.__name__}, got {value!r} ({exc})"
-            ) from None
+                f"policy {policy!r}: option {self.name!r} expects {example}, got {type(value).__name__} {value!r}"
+            )
+        return self.type(value)
 
 
 @dataclass
@@ -118,7 +148,7 @@ def get_policy(name: str) -> PolicySpec:
         return _REGISTRY[name]
     except KeyError:
         raise PolicyError(
-            f"unknown policy {name!r}; valid policies: {', '.join(sorted(_REGISTRY))}"
+            f"unknown policy {name!r}{did_you_mean(name, _REGISTRY)}; valid policies: {', '.join(sorted(_REGISTRY))}"
         ) from None
 
 
@@ -163,14 +193,15 @@ class Step:
             if key.strip() in given:
                 raise PolicyError(f"policy {spec.name!r}: option {key.strip()!r} is given twice in {text!r}")
             given[key.strip()] = value.strip()
-        for key, value in (extra or {}).items():
-            if key in spec.options:
-                given.setdefault(key, value)
         unknown = sorted(set(given) - set(spec.options))
         if unknown:
             valid = ", ".join(sorted(spec.options)) or "none"
-            raise PolicyError(f"policy {spec.name!r}: unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+            hint = did_you_mean(unknown[0], spec.options) if len(unknown) == 1 else ""
+            raise PolicyError(f"policy {spec.name!r}: unknown option(s) {', '.join(unknown)}{hint}; valid options: {valid}")
         values = {k: opt.convert(given[k], spec.name) if k in given else opt.default for k, opt in spec.options.items()}
+        for key, value in (extra or {}).items():  # keyword options: typed Python values, no text parsing
+            if key in spec.options and key not in given:
+                values[key] = spec.options[key].check_keyword(value, spec.name)
         return cls(spec.name, tuple(sorted(values.items())))
 
 
@@ -231,7 +262,8 @@ def parse_policy(policy: Any, extra: Mapping[str, Any] | None = None) -> Policy:
         unknown = sorted(set(extra) - known)
         if unknown:
             valid = ", ".join(sorted(known)) or "none"
-            raise PolicyError(f"unknown option(s) {', '.join(unknown)} for policy {parsed}; valid options: {valid}")
+            hint = did_you_mean(unknown[0], known) if len(unknown) == 1 else ""
+            raise PolicyError(f"unknown option(s) {', '.join(unknown)}{hint} for policy {parsed}; valid options: {valid}")
     return parsed
 
 

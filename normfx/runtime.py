@@ -22,11 +22,17 @@ __all__ = [
     "feed_for",
     "time_sessions",
     "random_inputs",
+    "SUPPORTED_OPSETS",
+    "check_opset",
+    "input_shapes",
 ]
 
 log = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+# ai.onnx opsets normfx can export (torch.onnx's range) and run: onnxruntime has no kernels before opset 7
+# (`--opset 5` fails with "Could not find an implementation for Relu(1)").
+SUPPORTED_OPSETS = (7, 23)
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NUMPY_FOR_ORT = {
     "tensor(float)": np.float32,
@@ -97,8 +103,59 @@ def make_session(model: Any, *, provider: str = "cpu", optimization: str = "all"
     try:
         return ort.InferenceSession(source, sess_options=_session_options(optimization, threads), providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"onnxruntime cannot load {label}: {first}") from None
+        text = ort_message(exc)
+        if "Could not find an implementation for" in text:
+            opset = _model_opset(model)
+            text += (f" (the model uses ai.onnx opset {opset}; " if opset is not None else " (") + (
+                f"normfx supports opsets {SUPPORTED_OPSETS[0]} to {SUPPORTED_OPSETS[1]}: export with --opset "
+                f"{SUPPORTED_OPSETS[0]} or later)")
+        raise ModelError(f"onnxruntime cannot load {label}: {text}") from None
+
+
+def ort_message(exc: BaseException) -> str:
+    """An onnxruntime error on one line, with every detail it gives (indices, sizes given and expected)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset normfx cannot export and onnxruntime cannot run, naming the supported ones."""
+    low, high = SUPPORTED_OPSETS
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise InputDataError(f"opset {opset!r} is not supported: normfx exports and verifies ai.onnx opsets {low} to "
+                             f"{high} (default 17); give an opset in that range (--opset on the command line)")
+
+
+def _model_opset(model: Any) -> int | None:
+    import onnx
+
+    try:
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(os.fspath(model), load_external_data=False)
+    except Exception:  # only for the message
+        return None
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def input_shapes(session) -> dict[str, list]:
+    """``{input name: shape}`` of a session (dynamic axes as their names or None)."""
+    return {spec.name: list(spec.shape) for spec in session.get_inputs()}
+
+
+def _check_shape(spec, array: np.ndarray) -> None:
+    """Refuse an array whose rank or fixed axes do not fit the graph input, naming every axis that differs."""
+    expected = list(spec.shape)
+    if array.ndim != len(expected):
+        raise InputDataError(
+            f"input {spec.name!r} takes {len(expected)}-D arrays of shape {expected}, got a {array.ndim}-D array of "
+            f"shape {list(array.shape)}; give inputs of the model's shape"
+        )
+    wrong = [f"axis {i}: {got} given, {want} expected" for i, (got, want) in enumerate(zip(array.shape, expected))
+             if isinstance(want, int) and want > 0 and got != want]
+    if wrong:
+        raise InputDataError(
+            f"input {spec.name!r} takes shape {expected}, got {list(array.shape)} ({'; '.join(wrong)}); "
+            "give inputs of the model's shape"
+        )
 
 
 def feed_for(session, arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,13 +185,22 @@ def feed_for(session, arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -
             if np.issubdtype(array.dtype, np.floating) != np.issubdtype(np.dtype(want), np.floating):
                 raise InputDataError(f"input {spec.name!r} expects {spec.type}, got an array of {array.dtype}")
             array = array.astype(want)
+        _check_shape(spec, array)
+        if array.size == 0:
+            raise InputDataError(f"input {spec.name!r} is empty (shape {list(array.shape)}): running or comparing on it "
+                                 "would check nothing; give at least one sample")
         feed[spec.name] = array
     return feed
 
 
 def session_runner(session) -> Callable[[Any], list[np.ndarray]]:
     def run(arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return list(session.run(None, feed_for(session, arrays)))
+        feed = feed_for(session, arrays)
+        try:
+            return list(session.run(None, feed))
+        except Exception as exc:  # onnxruntime's own types; its multi-line details on one line
+            shapes = ", ".join(f"{k}: {list(v.shape)}" for k, v in feed.items())
+            raise InputDataError(f"onnxruntime cannot run the model on inputs ({shapes}): {ort_message(exc)}") from None
 
     return run
 

@@ -16,6 +16,17 @@ def rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     return float((reference - candidate).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
+def fp32_tolerance(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Relative tolerance between two float32 runs of ``model``'s function on ``x``: ``max(1e-5, (k + 1) x floor)``,
+    floor = the model's own float32 error against its float64 run (the house rule for deep models, see
+    ``normfx.noise``; k + 1 because both runs carry a floor). 1e-5 for every model with a floor under ~3e-6."""
+    from normfx.noise import DEFAULT_RTOL, K_FLOOR, measure_baseline
+    from normfx.verify import as_runner
+
+    floor = max(measure_baseline(model, as_runner(model)[0], [x.detach().numpy()]).floors)
+    return max(DEFAULT_RTOL, (K_FLOOR + 1) * floor)
+
+
 def storages(module: torch.nn.Module) -> set[int]:
     """Data pointers of every parameter and buffer (to prove nothing is shared)."""
     return {t.untyped_storage().data_ptr() for t in list(module.parameters()) + list(module.buffers()) if t.numel()}

@@ -41,8 +41,9 @@ def test_rewrite_prints_report_and_verification(capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["rewrite", "--model", "resnet18", "--policy", "fusee"], "unknown policy 'fusee'; valid policies: adaptive, frozen, fuse"),
+        (["rewrite", "--model", "resnet18", "--policy", "fusee"], "unknown policy 'fusee' (did you mean 'fuse'?); valid policies: adaptive,"),
         (["rewrite", "--model", "resnet18", "--policy", "fuse:bogus=1"], "unknown option(s) bogus; valid options"),
+        (["rewrite", "--model", "resnet18", "--policy", "fuse:fowrad=1"], "unknown option(s) fowrad (did you mean 'forward'?)"),
         (["explain", "--model", "nosuchnet", "--policy", "fuse"], "unknown model 'nosuchnet'"),
         (["rewrite", "--model", "resnet18", "--policy", "fuse", "--override", "oops"], "must be GLOB=STEP"),
         (["rewrite", "--model", "resnet18", "--policy", "precise"], "needs calibration data"),
@@ -59,7 +60,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 
 
 def test_strict_rewrite_fails_with_exit_2_listing_skips(capsys):
-    code, _, err = run_cli(capsys, "rewrite", "--model", "preact_resnet", "--policy", "fuse", "--strict")
+    code, _, err = run_cli(capsys, "rewrite", "--model", "densenet", "--policy", "fuse", "--strict")
     assert code == 2 and "strict=True" in err and "pre-activation" in err
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import fp32_tolerance
 
 import normfx
 from normfx import models
@@ -48,9 +49,10 @@ def test_fx_route_and_onnx_route_agree(name):
 
     assert fx_route.verification.ok
     y_fx, y_onnx = run_ort(fx_route.model, x), run_ort(onnx_route, x)
-    assert rel(y, y_fx) <= 1e-5
-    assert rel(y, y_onnx) <= 1e-5
-    assert rel(y_fx, y_onnx) <= 1e-5
+    tol = fp32_tolerance(model, x)  # 1e-5 but on fp32_noise models
+    assert rel(y, y_fx) <= tol
+    assert rel(y, y_onnx) <= tol
+    assert rel(y_fx, y_onnx) <= tol
     onnx.checker.check_model(onnx_route, full_check=True)
     assert batchnorm_nodes(onnx_route) == len(report.skipped)
     if name in NO_BN_LEFT:

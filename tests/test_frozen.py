@@ -12,6 +12,7 @@ import normfx
 from normfx import models
 from normfx.errors import RewriteError
 from normfx.layers import BatchNormPost2d, FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from normfx.layers.foreign import find_foreign
 
 
 def _random_bn(cls, channels=6, affine=True, eps=1e-3, seed=0):
@@ -124,7 +125,9 @@ def test_frozen_and_unfrozen_are_exact_on_the_zoo(name):
     assert not any(isinstance(m, FrozenBatchNorm) for m in unfrozen.modules())
     with torch.no_grad():
         assert rel_error(y, unfrozen(x)) <= 1e-6
-    assert set(unfrozen.state_dict()) == set(model.state_dict())  # state_dict keys kept
+    # state_dict keys kept; other libraries' frozen BNs (no counter) become trainable BN with num_batches_tracked
+    counters = {f"{path}.num_batches_tracked" for path in find_foreign(model)}
+    assert set(unfrozen.state_dict()) == set(model.state_dict()) | counters
     for key, value in model.state_dict().items():
         assert torch.equal(unfrozen.state_dict()[key], value), key
 

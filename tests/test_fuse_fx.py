@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_state_equal, rel_error, snapshot, storages
+from helpers import assert_state_equal, fp32_tolerance, rel_error, snapshot, storages
 from torch import nn
 
 import normfx
@@ -34,7 +34,7 @@ def test_fuse_is_exact_and_leaves_only_reasoned_bn(name):
     assert_state_equal(before, model)
     assert not storages(fused) & storages(model)
     with torch.no_grad():
-        assert rel_error(y, fused(x)) <= 1e-5
+        assert rel_error(y, fused(x)) <= fp32_tolerance(model, x)  # 1e-5 but on fp32_noise models
     assert batchnorm_calls(fused) == len(report.skipped)
     assert all(e.reason for e in report.skipped)
     explained = normfx.explain(model, "fuse", example_inputs=x)
@@ -44,9 +44,9 @@ def test_fuse_is_exact_and_leaves_only_reasoned_bn(name):
 
 
 def test_preact_and_densenet_skips_name_the_preactivation_pattern():
-    for name in ("preact_resnet", "densenet"):
+    for name in ("preact_resnet", "densenet"):  # preact_resnet folds completely (tests/test_preact_fx.py)
         report = normfx.explain(models.create(name), "fuse", example_inputs=models.example_input(name))
-        assert report.skipped
+        assert bool(report.skipped) == (name == "densenet")
         assert all("pre-activation" in e.reason or "not a Conv" in e.reason for e in report.skipped)
 
 

@@ -21,7 +21,9 @@ NAMES = zoo.names()
 EXPECTED = {
     "resnet18", "resnet50", "preact_resnet", "mobilenet_v2", "efficientnet_b0", "densenet", "unet", "conv1d",
     "conv3d", "mlp", "bn_conv", "trap_bn_act", "trap_functional_bn", "trap_shared_conv", "trap_shared_bn",
-    "trap_untraceable", "trap_syncbn",
+    "trap_untraceable", "trap_syncbn", "trap_foreign_frozen",
+    "repvgg", "mobileone", "mixconv", "dualpath",
+    "deep_silu",
 }
 AFFINE = (nn.modules.conv._ConvNd, nn.Linear)
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU)

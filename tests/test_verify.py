@@ -1,5 +1,6 @@
 """normfx.verify on torch modules and ONNX models."""
 
+import copy
 import io
 
 import numpy as np
@@ -18,17 +19,21 @@ def _net(seed: int) -> torch.nn.Module:
 def test_identical_models_are_ok_and_errors_are_measured():
     x = torch.randn(3, 5)
     net = _net(0)
-    same = normfx.verify(net, net, x)
-    assert same.ok and same.max_abs_error == 0.0 and same.max_rel_error == 0.0
+    exact = normfx.verify(net, net, x, rtol=1e-5)  # an explicit rtol compares float32 with float32
+    assert exact.ok and exact.max_abs_error == 0.0 and exact.max_rel_error == 0.0 and exact.noise_floor is None
+    same = normfx.verify(net, net, x)  # by default against float64: the model's own error is its floor
+    assert same.ok and same.versus == "float64" and same.max_rel_error == same.noise_floor < 1e-6
+    assert same.tolerance == 1e-5
 
     other = _net(1)
     result = normfx.verify(net, other, x)
-    y0, y1 = net(x).detach(), other(x).detach()
+    y0 = copy.deepcopy(net).double()(x.double()).detach()
+    y1 = other(x).detach().double()
     expected_abs = float((y0 - y1).abs().max())
     assert result.max_abs_error == pytest.approx(expected_abs, rel=1e-6)
     assert result.max_rel_error == pytest.approx(expected_abs / float(y0.abs().max()), rel=1e-6)
     assert not result.ok
-    assert "FAILED" in str(result)
+    assert "FAILED" in str(result) and "noise floor" in str(result)
     assert normfx.verify(net, other, x, rtol=0.0, atol=expected_abs * 1.01).ok
 
 

@@ -12,9 +12,14 @@ from .frozen import (
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
 )
+from .ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .groupnorm import GroupNormPost
 from .proxynorm import ProxyNormAct, param_groups, proxy_quantiles
+from .renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .separate import SeparateBatchNorm, SeparateBatchNorm1d, SeparateBatchNorm2d, SeparateBatchNorm3d, use_domain
 from .stdconv import StdConv, StdConv1d, StdConv2d, StdConv3d
+from .sync import SyncBatchNorm
+from .virtual import VirtualBatchNorm, VirtualBatchNorm1d, VirtualBatchNorm2d, VirtualBatchNorm3d, capture_reference
 
 __all__ = [
     "BatchNormPost",
@@ -34,6 +39,25 @@ __all__ = [
     "StdConv1d",
     "StdConv2d",
     "StdConv3d",
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "SeparateBatchNorm",
+    "SeparateBatchNorm1d",
+    "SeparateBatchNorm2d",
+    "SeparateBatchNorm3d",
+    "use_domain",
+    "SyncBatchNorm",
+    "VirtualBatchNorm",
+    "VirtualBatchNorm1d",
+    "VirtualBatchNorm2d",
+    "VirtualBatchNorm3d",
+    "capture_reference",
 ]
 
 

@@ -5,10 +5,14 @@ BN→ReLU→Conv), ``mobilenet_v2`` (depthwise, ReLU6, inverted residuals, linea
 ``efficientnet_b0`` (MBConv, SiLU, squeeze-excitation), ``densenet`` (BN→ReLU→Conv over
 concatenations, transitions), ``unet`` (ConvTranspose2d+BN decoder, grouped and with/without bias),
 ``conv1d`` (audio, BatchNorm1d), ``conv3d`` (video, BatchNorm3d), ``mlp`` (Linear↔BatchNorm1d),
-``bn_conv`` (BN directly before 1x1/3x3/depthwise/grouped/strided/dilated convs), and the trap
+``bn_conv`` (BN directly before 1x1/3x3/depthwise/grouped/strided/dilated convs), ``repvgg`` and ``mobileone``
+(multi-branch blocks for structural reparameterization), ``mixconv`` (MixNet-style mixed-kernel
+concat → BN and BN → split → convs, Inception-style concat), ``dualpath`` (DPN-style pre-activation
+blocks: residual path added, dense path concatenated), ``deep_silu`` (deep SiLU/SE net that is
+ill-conditioned in float32 on purpose: noise-aware verification's test case), and the trap
 models ``trap_bn_act`` (timm-style BatchNormAct2d), ``trap_functional_bn`` (``F.batch_norm`` on
 buffers), ``trap_shared_conv``, ``trap_shared_bn``, ``trap_untraceable`` (data-dependent branch)
-and ``trap_syncbn``. :func:`create` returns a new eval-mode module whose BN layers carry random
+``trap_syncbn`` and ``trap_foreign_frozen`` (other libraries' frozen BNs). :func:`create` returns a new eval-mode module whose BN layers carry random
 non-trivial statistics (mean ≠ 0, var ≠ 1, some gamma < 0, beta ≠ 0) and whose conv/linear layers
 are scaled so activations stay O(1) through depth; the same seed gives the same state_dict.
 """

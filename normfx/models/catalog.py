@@ -7,7 +7,8 @@ from typing import Callable
 
 from torch import nn
 
-from . import densenet, mobile, resnet, small, traps, unet
+from . import deep_silu as deep_silu_module
+from . import densenet, dualpath, foreign_frozen, mixconv, mobile, reparam, resnet, small, traps, unet
 
 __all__ = ["ModelInfo", "Entry", "TAGS", "CATALOG"]
 
@@ -23,12 +24,28 @@ TAGS: dict[str, str] = {
         "built to catch naive rewrites (BN subclass with activation, functional BN, shared modules, "
         "untraceable, SyncBN)"
     ),
+    "foreign_bn": (
+        "its BNs are other libraries' frozen BNs (no torch/normfx BatchNorm module): fuse, unfrozen and explain "
+        "recognize them by behaviour; the batch-independent policies (groupnorm, proxynorm, ...) do not"
+    ),
     "1d": "Conv1d + BatchNorm1d on (N, C, L) input",
     "3d": "Conv3d + BatchNorm3d on (N, C, D, H, W) input",
     "linear": "Linear + BatchNorm1d on (N, F) input, both Linear→BN and BN→Linear",
     "forward_fold": (
         "has a BN that only a forward fold removes: its only user is a Conv/Linear (BN→Conv with nothing "
         "between) and its input is not a Conv/ConvTranspose/Linear output without other users"
+    ),
+    "multi_branch": (
+        "has blocks that sum parallel conv(+BN) branches and an identity (BN) branch reading one tensor: "
+        "structural reparameterization (fuse's branch merge) leaves one conv per block"
+    ),
+    "concat_split": (
+        "every BN not after a lone conv sits after a channel concat of conv outputs or before a channel split "
+        "into convs (unpadded where the BN has a shift), so fuse's slice-by-slice folds leave no BN"
+    ),
+    "fp32_noise": (
+        "ill-conditioned in float32: its float32 output differs from its float64 run by more than 1e-5 (relative), "
+        "so verification must judge rewrites against float64 and the model's own noise floor"
     ),
     "all_bn_after_conv": (
         "every BN call (BN module, BN subclass or F.batch_norm) takes the output of a Conv/ConvTranspose/Linear "
@@ -84,6 +101,10 @@ CATALOG: dict[str, Entry] = {
         _entry("densenet", densenet.densenet,
                "DenseNet-BC (BN→ReLU→Conv over concatenations, transition layers), growth 8, blocks (2,3,4)",
                IMG, "traceable", "preact"),
+        _entry("dualpath", dualpath.dualpath,
+               "DPN-style dual-path blocks (BN→ReLU→Conv units over concat(residual, dense); output split: added to "
+               "the residual path, concatenated to the dense path), 2 stages of 2 blocks",
+               IMG, "traceable", "preact"),
         _entry("unet", unet.unet,
                "UNet (conv+BN encoder, ConvTranspose2d+BN decoder incl. grouped with bias and plain without bias)",
                IMG, "traceable", "conv_transpose", "all_bn_after_conv"),
@@ -96,6 +117,21 @@ CATALOG: dict[str, Entry] = {
         _entry("bn_conv", small.bn_conv,
                "BN directly before convs: 1x1 unpadded, 3x3 padded, depthwise, grouped, strided, dilated",
                SMALL_IMG, "traceable", "forward_fold"),
+        _entry("mixconv", mixconv.mixconv,
+               "MixNet-style mixed kernels (split → depthwise 3x3/5x5/7x7 → concat → BN, grouped 1x1 via chunk → "
+               "concat(dim=-3) → BN), BN → split/slice → 1x1 convs, Inception-style 1x1∥3x3∥5x5∥pool-1x1 concat → BN",
+               SMALL_IMG, "traceable", "concat_split"),
+        _entry("repvgg", reparam.repvgg,
+               "RepVGG-A style: 3x3-BN ∥ 1x1-BN ∥ identity-BN → add → ReLU blocks, stride-2 first block per stage",
+               IMG, "traceable", "multi_branch"),
+        _entry("mobileone", reparam.mobileone,
+               "MobileOne style: 3 parallel depthwise 3x3-BN + 1x1-BN scale + identity-BN, then 3 parallel "
+               "pointwise 1x1-BN + identity-BN, each summed → ReLU",
+               IMG, "traceable", "multi_branch"),
+        _entry("deep_silu", deep_silu_module.deep_silu,
+               "deep SiLU/SE net (16 residual MBConv-SE blocks) whose pooled features ride on a common offset the "
+               "zero-sum classifier cancels: float32 noise ~3e-5 vs float64, by construction",
+               SMALL_IMG, "traceable", "all_bn_after_conv", "fp32_noise"),
         _entry("trap_bn_act", traps.trap_bn_act,
                "timm-style BatchNormAct2d (BatchNorm2d subclass owning its ReLU/SiLU) after convs",
                SMALL_IMG, "traceable", "trap", "all_bn_after_conv"),
@@ -113,5 +149,10 @@ CATALOG: dict[str, Entry] = {
                SMALL_IMG, "untraceable", "trap"),
         _entry("trap_syncbn", traps.trap_syncbn, "nn.SyncBatchNorm after a conv, used in eval",
                SMALL_IMG, "traceable", "trap", "all_bn_after_conv"),
+        _entry("trap_foreign_frozen", foreign_frozen.trap_foreign_frozen,
+               "detection-style backbone with other libraries' frozen BNs written in the zoo: torchvision's "
+               "FrozenBatchNorm2d (x*scale+bias), detectron2's (branches on x.requires_grad, so torch.fx cannot "
+               "trace it), timm's FrozenBatchNormAct2d (with and without its activation)",
+               SMALL_IMG, "untraceable", "trap", "foreign_bn"),
     ]
 }

@@ -4,6 +4,8 @@
 ``FrozenBatchNorm*``. A subclass's child modules (an activation) are kept as ``post`` modules, and
 since normfx cannot read a subclass's forward, the swap is checked numerically on a probe input:
 when the frozen layer does not reproduce the subclass, the layer is skipped with that reason.
+``unfrozen`` also takes the frozen BNs of other libraries (torchvision, detectron2, timm), matched by
+behaviour (:mod:`.foreign_bn`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 
 from ...layers import FrozenBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, is_batchnorm
 from ...report import APPLIED, KEPT, SKIPPED
+from . import foreign_bn
 
 STANDARD_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _PROBE_TOLERANCE = 1e-6
@@ -77,10 +80,32 @@ def run_frozen(model: nn.Module, ctx) -> nn.Module:
             continue
         ctx.report.add(name, ctx.rule, APPLIED, "", source=type(module).__name__, result=type(frozen).__name__)
         model = _replace(model, name, frozen)  # also for explain: later steps must see this layer frozen
+    _report_functional_calls(model, ctx)
     return model
 
 
+FUNCTIONAL_KEPT = ("functional batch_norm call: no module to freeze; with training=False it is already a constant "
+                   "affine (left as it is)")
+
+
+def _report_functional_calls(model: nn.Module, ctx) -> None:
+    """List every functional ``F.batch_norm`` call (found by a read-only trace) so that explain shows it."""
+    from .norm_swap import analyze
+
+    if is_batchnorm(model):
+        return
+    try:
+        functional = analyze(model).functional
+    except Exception as exc:  # tracing is only for the report here; a model fx cannot read at all still freezes
+        ctx.report.note(f"functional batch_norm calls not searched: tracing failed ({type(exc).__name__})")
+        return
+    for name in functional:
+        if ctx.targets(name):
+            ctx.report.add(name, ctx.rule, KEPT, FUNCTIONAL_KEPT, source="F.batch_norm")
+
+
 def run_unfrozen(model: nn.Module, ctx) -> nn.Module:
+    model, swapped = foreign_bn.swap(model, ctx)  # frozen BNs of other libraries, matched by behaviour
     for name, module in list(model.named_modules()):
         if not ctx.targets(name) or not is_batchnorm(module):
             continue
@@ -91,6 +116,7 @@ def run_unfrozen(model: nn.Module, ctx) -> nn.Module:
         bn.train(module.training)
         ctx.report.add(name, ctx.rule, APPLIED, "", source=type(module).__name__, result=type(bn).__name__)
         model = _replace(model, name, bn)
+    foreign_bn.annotate(ctx, swapped)
     return model
 
 

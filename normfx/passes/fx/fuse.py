@@ -9,6 +9,12 @@ pre-affine into the GroupNorm before it, its post-affine into the next layer or 
 reported with the reason. A layer inside a part torch.fx cannot trace is reported with that reason (a StdConv
 there is still swapped: it needs no neighbours). ``explain`` runs this same code on a private copy, so its
 report is exactly what ``rewrite`` does.
+
+Before tracing, other libraries' frozen BNs (torchvision, detectron2, timm; matched by behaviour) become normfx
+FrozenBatchNorm (:mod:`.foreign_bn`). Before the BN rules, per-channel ``x * w + b`` chains merge into the BN
+next to them or fold into the layer next to them like a BN (:mod:`.affine_chain`). Last, calls that are the
+identity in eval (Identity, Dropout) are removed (:mod:`.cleanup`; a folded BN+activation module's activation
+is called directly, at its own path).
 """
 
 from __future__ import annotations
@@ -20,7 +26,19 @@ from torch import fx, nn
 
 from ...layers import ProxyNormAct, StdConv, is_batchnorm
 from ...report import APPLIED, SKIPPED
-from . import backward_fold, forward_fold, proxy_norm_fold, std_conv_fold
+from . import (
+    affine_chain,
+    backward_fold,
+    bn_split,
+    branch_merge,
+    cleanup,
+    concat_bn,
+    foreign_bn,
+    forward_fold,
+    preact,
+    proxy_norm_fold,
+    std_conv_fold,
+)
 from .graph_state import GraphState
 from .ownership import Ownership
 from .patterns import find_bn_sites
@@ -53,12 +71,20 @@ def _single_layer(model: nn.Module, ctx) -> nn.Module:
 
 
 def run(model: nn.Module, ctx) -> nn.Module:
+    # frozen BNs of other libraries (torchvision, detectron2, timm), matched by behaviour, become FrozenBatchNorm
+    model, swapped = foreign_bn.swap(model, ctx, copy_first=not ctx.owns_model)
+    result = _run(model, ctx, ctx.owns_model or bool(swapped))
+    foreign_bn.annotate(ctx, swapped)
+    return result
+
+
+def _run(model: nn.Module, ctx, owns_model: bool) -> nn.Module:
     if _wanted(model):
         return _single_layer(model, ctx)
     # runs the example inputs only if a rule asks; ProxyNormAct calls for the rank of their leftover constants,
     # StdConv calls since a StdConv becomes a plain conv whose input shape a forward fold may need
     shapes = ShapeRecorder(model, ctx.example_inputs, kinds=(ProxyNormAct, StdConv))
-    ownership = Ownership(model, ctx.owns_model)
+    ownership = Ownership(model, owns_model)
     paths = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     aliased = {key for key, count in paths.items() if count > 1}
     untraceable: list[tuple[str, str]] = []
@@ -83,6 +109,13 @@ def run(model: nn.Module, ctx) -> nn.Module:
                 continue
             details = std_conv_fold.apply(state, target)
             report(name, APPLIED, f"{details['source']} → {details['result']} holding the standardized weight", **details)
+        chains = affine_chain.merge_into_bns(state, ctx.targets)  # x * w + b next to a BN: one BN for the rules
+        for name, (status, reason, details) in chains.items():
+            if status == APPLIED:
+                report(name, status, reason, **details)
+        for name, (status, reason, details) in affine_chain.fold_chains(  # x * w + b next to a layer, as a BN
+                state, ctx.targets, forward=ctx.option("forward"), earlier=chains).items():
+            report(name, status, reason, **details)
         pending = []
         for site in find_bn_sites(state.gm, part.qualified):
             if not ctx.targets(site.name):
@@ -95,15 +128,29 @@ def run(model: nn.Module, ctx) -> nn.Module:
                 report(site.name, APPLIED, **backward_fold.apply(state, site, layer_node))
             else:
                 pending.append((site, why))
+        declined = []  # sites no fold above takes: the pre-activation rule solves them together
         for site, why_backward in pending:
+            sliced = concat_bn.check(state, site)  # layers → concat → BN: slice by slice (backward)
+            if not isinstance(sliced, str):
+                for name, status, reason, details in concat_bn.apply(state, site, sliced):  # + a kept remainder
+                    report(name, status, reason, **details)
+                continue
+            why_backward = f"{why_backward}; {sliced}" if sliced else why_backward
             if not ctx.option("forward"):
                 report(site.name, SKIPPED, f"{why_backward} (forward fold disabled)")
                 continue
             layer_node, why_forward = forward_fold.check(state, site)
             if layer_node is not None:
                 report(site.name, APPLIED, **forward_fold.apply(state, site, layer_node))
+                continue
+            pieces = bn_split.check(state, site)  # BN → split → layers: slice by slice (forward)
+            if not isinstance(pieces, str):
+                reason, details = bn_split.apply(state, site, pieces)
+                report(site.name, APPLIED, reason, **details)
             else:
-                report(site.name, SKIPPED, f"{why_backward}; {why_forward}")
+                declined.append((site, f"{why_backward}; {why_forward}" + (f"; {pieces}" if pieces else "")))
+        for site, status, reason, details in preact.run(state, declined, part.qualified):  # BN → act → layer
+            report(site.name, status, reason, **details)
         folded: set[str] = set()
         for pn in proxy_norm_fold.find_sites(state.gm, part.qualified):
             if not ctx.targets(pn.name):
@@ -116,6 +163,12 @@ def run(model: nn.Module, ctx) -> nn.Module:
             if applied:
                 folded.add(pn.target)
         proxy_norm_fold.finish(state, folded)
+        removed = cleanup.remove_noop_calls(state.gm)  # Identity / Dropout in eval: nothing left behind
+        if removed:
+            ctx.report.note(f"removed {len(removed)} call(s) that are the identity in eval"
+                            f"{' in ' + repr(part.prefix) if part.prefix else ''}: {', '.join(removed)}")
+        if ctx.option("merge_branches"):  # sums of convs (and identity BNs) reading one tensor → one conv
+            branch_merge.run(state, ctx, part.qualified)
         return state.finish()
 
     result = rewrite_traceable_parts(model, rewrite_graph, lambda path, why: untraceable.append((path, why)),

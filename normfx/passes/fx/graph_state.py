@@ -4,13 +4,14 @@ private copies of shared modules, constants, and replacing a BatchNorm node by w
 from __future__ import annotations
 
 import copy
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .cleanup import call_post
 from .ownership import Ownership
 from .patterns import BnSite, LayerInfo, layer_info
 from .shapes import ShapeRecorder
@@ -113,12 +114,8 @@ class GraphState:
         """Make the BN's users read ``replacement`` (through the BN's post modules, if any) and erase
         the BN node and the constants only it read."""
         graph = self.gm.graph
-        result = replacement
-        if site.post:
-            name = self.fresh_name(str(site.node.target if site.node.op == "call_module" else site.node.name).replace(".", "_") + "_post")
-            self.gm.add_submodule(name, nn.Sequential(OrderedDict(site.post.items())))
-            with graph.inserting_after(site.node):
-                result = graph.call_module(name, (replacement,))
+        # post modules that do something are called directly, at their own paths where possible (cleanup.py)
+        result = call_post(self.gm, site.node, site.post, replacement, self.fresh_name) if site.post else replacement
         site.node.replace_all_uses_with(result)
         graph.erase_node(site.node)
         for target in site.attrs:

@@ -1,6 +1,7 @@
 """The affine rules of ``fuse``, in rounds: each elementwise affine chain of the graph
 (:mod:`.affine_site`) is offered, in this order, to
 
+0. :mod:`.layer_affine` — into the Conv/ConvTranspose/Gemm/MatMul before it, as a BN's affine would;
 1. :mod:`.norm_affine` — into the normalization before it (exact where its scale varies as the affine);
 2. :mod:`.affine_conv` — into every Conv/ConvTranspose/Gemm/MatMul after it (``forward=true`` only);
 3. :mod:`.affine_pool` — moved past the average pooling after it (so it can fold next round);
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import onnx_graphsurgeon as gs
 
 from ...errors import RewriteError
-from . import affine_conv, affine_merge, affine_pool, norm_affine
+from . import affine_conv, affine_merge, affine_pool, layer_affine, norm_affine
 from .affine_site import LINEAR_OPS, AffineSite, read_sites
 from .chain import walk_up
 from .forward import applied_details
@@ -62,6 +63,8 @@ def _describe(fold: Fold, site: AffineSite) -> str:
     ops = "→".join(site.ops)
     if fold.rule == norm_affine.RULE:
         return f"{ops} folded into the preceding {fold.into} ({fold.details.get('how')})"
+    if fold.rule == layer_affine.RULE:
+        return f"{ops} folded into the preceding {fold.into} (as a BatchNorm's affine)"
     if fold.rule == affine_merge.RULE:
         return f"{ops} merged into {fold.into}"
     if fold.rule == affine_pool.RULE:
@@ -110,7 +113,12 @@ class AffineRules:
     def _one(self, site: AffineSite) -> bool:
         ws, options, created = self.ws, self.options, self._creator(site.name)
         declines: list[Decline] = []
-        found: Fold | Decline | list[Decline] | None = norm_affine.find(site, ws, options=options)
+        found: Fold | Decline | list[Decline] | None = layer_affine.find(site, ws, options=options)  # Conv → chain
+        if isinstance(found, Fold):
+            return self._apply(site, found)
+        if isinstance(found, Decline):
+            declines.append(found)
+        found = norm_affine.find(site, ws, options=options)
         if isinstance(found, Fold):
             return self._apply(site, found)
         after_norm = isinstance(found, Decline)

@@ -34,9 +34,21 @@ import onnx
 
 from ...errors import RewriteError
 from ...report import APPLIED, KEPT, SKIPPED
-from . import bn_conv, bn_gemm, constant_subgraph, conv_bn, gemm_bn, standalone_bn
+from . import (
+    bn_affine,
+    bn_conv,
+    bn_gemm,
+    bn_split,
+    concat_bn,
+    constant_subgraph,
+    conv_bn,
+    gemm_bn,
+    preact,
+    standalone_bn,
+)
 from .affine_fold import AffineRules
 from .bn import BnSite, read_bn
+from .branch_merge import BranchMerges
 from .forward import applied_details, plan_forward
 from .io import batchnorm_nodes, name_batchnorm_nodes
 from .rule import Decline, Fold, FoldOptions
@@ -46,8 +58,8 @@ __all__ = ["run"]
 
 log = logging.getLogger(__name__)
 
-_BACKWARD = (conv_bn.find, gemm_bn.find)
-_FORWARD = (bn_conv.find, bn_gemm.find)
+_BACKWARD = (conv_bn.find, gemm_bn.find, concat_bn.find)
+_FORWARD = (bn_conv.find, bn_gemm.find, bn_split.find)
 
 
 def _backward(site: BnSite, ws: Workspace, options: FoldOptions) -> Fold | list[Decline]:
@@ -67,6 +79,11 @@ def _forward(site: BnSite, ws: Workspace, options: FoldOptions) -> Fold | list[D
 
 
 def _applied_reason(fold: Fold) -> str:
+    parts = fold.parts or [fold]
+    if any(p.details.get("slices") for p in parts):  # concat / split folds (concat_bn, bn_split)
+        into = [s for p in parts for s in (p.details.get("slices") or [p.into])]
+        rest = "".join(f"; remainder: {p.details['remainder']}" for p in parts if p.details.get("remainder"))
+        return f"folded slice by slice into {', '.join(into)}{rest}"
     direction = fold.details.get("direction", "")
     where = "into the preceding" if direction == "backward" else "into the following"
     return f"folded {where} {fold.into}"
@@ -100,6 +117,7 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
             main.append(name)
 
     ws = Workspace(model)
+    merged = bn_affine.merge_all(ws, ctx.targets)  # Mul/Add chains next to a BN (Caffe's Scale) merge into it first
     by_name = {n.name: n for n in ws.graph.nodes if n.op == "BatchNormalization" and n.domain in (None, "", "ai.onnx")}
     pending: list[BnSite] = []
     for name in main:
@@ -110,6 +128,7 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
             pending.append(site)
     constants: dict[str, constant_subgraph.Outcome] = {}
     affine = AffineRules(ws, options, forward=forward, targets=ctx.targets)
+    merges = BranchMerges(ws, ctx.targets) if ctx.option("merge_branches") else None  # sums of convs → one Conv
     while True:  # each family can open folds for the others (a StdConv weight evaluated, then a BN folds)
         declines = _rounds(pending, ws, forward, options, decisions)
         changed = False
@@ -118,8 +137,11 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
             if not (outcome.name in constants and constants[outcome.name].folded):
                 constants[outcome.name] = outcome
         changed |= affine.run()
+        changed |= bool(merges and merges.run(pending, decisions))
         if not changed:
             break
+    if forward:  # BN → Relu → Conv/Gemm with the BN input from an Add/Concat: pre-activation, solved together
+        preact.run(pending, ws, decisions)
     for site in pending:
         reason = standalone_bn.reason(site, declines.get(site.name, []), ws, forward=forward)
         decisions[site.name] = (SKIPPED, reason, {})
@@ -129,6 +151,10 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
         if name in decisions:
             status, reason, details = decisions[name]
             ctx.report.add(name, ctx.rule, status, reason, **details)
+            if details.get("remainder_node"):  # a partial concat fold keeps a smaller BN: listed as skipped
+                ctx.report.add(details["remainder_node"], ctx.rule, SKIPPED, details["remainder_reason"])
+    for chain, (reason, details) in merged.items():
+        ctx.report.add(chain, ctx.rule, APPLIED, reason, **details)
     for outcome in constants.values():
         status = APPLIED if outcome.folded else KEPT
         ctx.report.add(outcome.name, ctx.rule, status, outcome.reason, fold=constant_subgraph.RULE, **outcome.details)
@@ -136,6 +162,8 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
         status = APPLIED if entry.folded else KEPT
         fold = entry.rules[-1] if entry.rules else "affine"
         ctx.report.add(entry.name, ctx.rule, status, entry.reason, fold=fold, **entry.details)
+    if merges:
+        merges.report(ctx)
     if not ws.changed:  # explain too returns the rewritten (private) copy: later steps see it
         return model
     return ws.export()
