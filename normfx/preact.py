@@ -64,6 +64,22 @@ class ActivationSplit:
         return self.slope is None
 
 
+def sign_flip(split: ActivationSplit) -> np.ndarray | None:
+    """±1 per channel when every channel's clamp is ``[0, ∞)`` (+1) or ``(-∞, 0]`` (−1): then
+    ``clamp(z) = s·relu(s·z)``, one multiplication by a sign before a plain ReLU, the outer ``s`` going into the
+    consumers' gain. Channels with gain 0 count as +1 (their value is never read). None for a PReLU form or when
+    some channel has other bounds (ReLU6)."""
+    if not split.clamp or split.lower is None or split.upper is None:
+        return None
+    lower, upper = _f64(split.lower), _f64(split.upper)
+    positive = (lower == 0) & (upper == np.inf)
+    negative = (lower == -np.inf) & (upper == 0)
+    dead = _f64(split.gain) == 0
+    if not np.all(positive | negative | dead):
+        return None
+    return np.where(negative & ~dead, -1.0, 1.0)
+
+
 def activation_reference(act: str, x: np.ndarray, slope: Any = None, axis: int = 1) -> np.ndarray:
     """The activation itself, in float64 (``slope``: LeakyReLU's scalar or PReLU's per-channel slope)."""
     x = np.asarray(x, dtype=np.float64)

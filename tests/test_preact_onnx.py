@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 from test_preact_fx import ACTIVATIONS, _OnInput, _randomized_block
 from torch import nn
 
@@ -63,8 +64,9 @@ def test_both_routes_agree_and_leave_only_reasoned_bns(name):
     for proto in (onnx_route, deployed.model):
         ops = Counter(n.op_type for n in proto.graph.node)
         assert ops["BatchNormalization"] == KEPT[name]
-        assert not {"Mul", "Div", "Sub"} & set(ops) and not _constant_adds(proto)
-        assert ops["Max"] == ops["Min"]  # the per-channel clamps of ReLUs with negative BN scales (see below)
+        assert not {"Div", "Sub", "Max", "Min"} & set(ops) and not _constant_adds(proto)
+        # the per-channel clamps of ReLUs with negative BN scales (see below): a Mul by ±1 before their Relu
+        assert all(set(np.unique(c)) <= {-1.0, 1.0} for c in _mul_constants(proto))
         assert _rel(y64, _ort(proto, x)) <= bound
     folded = [e for e in report.applied if e.details.get("direction") == "pre-activation"]
     assert folded and all("shift carried by Conv" in e.reason for e in folded)
@@ -73,16 +75,24 @@ def test_both_routes_agree_and_leave_only_reasoned_bns(name):
     assert all("comes from Relu" in e.reason or "needs (a different one)" in e.reason for e in kept)
 
 
+def _mul_constants(proto) -> list[np.ndarray]:
+    """The constant operand of every Mul node (initializers)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return [next(inits[i] for i in n.input if i in inits) for n in proto.graph.node if n.op_type == "Mul"]
+
+
 def test_preact_resnet_deploys_without_any_batchnorm():
     """Every BN goes; what remains per ReLU whose BN had negative scales on channels the residual stream carries
-    with the other sign is a per-channel clamp (Max + Min: ONNX Clip takes scalar bounds only): 6 of the 17 ReLUs
-    here, the minimum (the stem's MaxPool fixes stage 1's sign, each later stage's two readers disagree)."""
+    with the other sign is a per-channel clamp, written s·relu(s·z) (a Mul by ±1, the Relu, the outer sign in the
+    consumers; ONNX Clip takes scalar bounds only): 6 of the 17 ReLUs here, the minimum (the stem's MaxPool fixes
+    stage 1's sign, each later stage's two readers disagree)."""
     model = models.create("preact_resnet", seed=3)
     x = models.example_input("preact_resnet", batch=2, seed=3)
     result = normfx.export(model, x, None, policy="fuse")
     ops = Counter(n.op_type for n in result.model.graph.node)
     assert result.batchnorm_left == 0
-    assert ops["Relu"] + ops["Max"] == 17 and ops["Max"] == ops["Min"] <= 6
+    assert ops["Relu"] == 17 and 0 < ops["Mul"] <= 6 and not {"Max", "Min"} & set(ops)
+    assert all(set(np.unique(c)) <= {-1.0, 1.0} for c in _mul_constants(result.model))
     assert ops["Add"] == 8  # the residual additions only
 
 

@@ -44,6 +44,7 @@ from . import (
     conv_bn,
     gemm_bn,
     preact,
+    sign_clamp,
     standalone_bn,
 )
 from .affine_fold import AffineRules
@@ -142,6 +143,7 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
             break
     if forward:  # BN → Relu → Conv/Gemm with the BN input from an Add/Concat: pre-activation, solved together
         preact.run(pending, ws, decisions)
+    sign_clamps = sign_clamp.run(ws)  # per-channel ReLU clamps (negative BN scales) → Mul by ±1 + Relu
     for site in pending:
         reason = standalone_bn.reason(site, declines.get(site.name, []), ws, forward=forward)
         decisions[site.name] = (SKIPPED, reason, {})
@@ -164,6 +166,10 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
         ctx.report.add(entry.name, ctx.rule, status, entry.reason, fold=fold, **entry.details)
     if merges:
         merges.report(ctx)
+    for clamp in sign_clamps:
+        ctx.report.add(clamp.name, ctx.rule, APPLIED, f"per-channel ReLU clamp ({clamp.negative_channels} channel(s) "
+                       f"clamped to (-inf, 0]) → Mul by ±1 + Relu, the sign folded into {', '.join(clamp.into)}",
+                       fold=sign_clamp.RULE, into=clamp.into)
     if not ws.changed:  # explain too returns the rewritten (private) copy: later steps see it
         return model
     return ws.export()
