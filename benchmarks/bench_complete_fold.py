@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="", help="comma-separated zoo names (default: multi-branch + pre-activation)")
     parser.add_argument("--runs", type=int, default=100, help="ORT timed runs per variant")
     parser.add_argument("--eager-runs", type=int, default=30, help="torch eager timed runs per variant")
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions of each pass-time measurement")
+    parser.add_argument("--repeats", type=int, default=15, help="repetitions of each pass-time measurement")
     parser.add_argument("--linear-depth", type=int, default=2, help="blocks per stage of the shallow model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 models, batch 1, few runs")

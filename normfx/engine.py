@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ModelError, PolicyError, RewriteError
+from .input_checks import check_lazy_modules
 from .layers import is_batchnorm
 from .policy import Policy, Step, parse_policy, policy_names
 from .report import KEPT, Report
@@ -130,6 +131,7 @@ def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: di
     elif isinstance(model, torch.jit.ScriptModule):
         raise ModelError("TorchScript modules cannot be rewritten: pass the eager nn.Module (before torch.jit.script/trace)")
     elif isinstance(model, torch.nn.Module):
+        check_lazy_modules(model)  # a never-run LazyBatchNorm/LazyConv has no parameters to rewrite or copy
         work = model  # copied below, unless the first pass makes its own private model (copies_input)
         kind, layer_names = "torch", _batchnorm_names(model)
     else:

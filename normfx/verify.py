@@ -294,6 +294,9 @@ def verify(reference: Any, candidate: Any, inputs: Any, *, rtol: float | None = 
     against the reference's own outputs.
     """
     arrays = load_inputs(inputs)
+    if any(a.size == 0 for a in (arrays.values() if isinstance(arrays, dict) else arrays)):
+        raise InputDataError(f"the inputs ({describe_inputs(arrays)}) hold no values, so there is nothing to compare: "
+                             "give at least one sample")
     ref_run, ref_names = as_runner(reference, provider=provider)
     cand_run, cand_names = as_runner(candidate, provider=provider)
     try:

@@ -158,6 +158,9 @@ ROWS = [
     Row("lazy-never-run", "CLI", "model with a never-run LazyBatchNorm",
         ["export", "--model", "g_lazy:build", "--input-shape", "1,1,16", "--out", "o.onnx"], 2,
         r"LazyBatchNorm1d '1' was never run, so its parameters and statistics do not exist yet"),
+    Row("api-lazy-never-run", "API", "model with a never-run LazyBatchNorm",
+        lambda d: normfx.rewrite(torch.nn.Sequential(torch.nn.Conv1d(1, 4, 3), torch.nn.LazyBatchNorm1d()), "fuse"),
+        ModelError, r"LazyBatchNorm1d '1' was never run, so its parameters and statistics do not exist yet"),
     # --- shapes, dtypes, data
     Row("input-shape-channels", "CLI", "--input-shape with the wrong channel count",
         ["export", "--model", "resnet18", "--input-shape", "1,5,64,64", "--out", "o.onnx"], 2,

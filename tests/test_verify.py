@@ -101,3 +101,14 @@ def test_npz_inputs_are_fed_by_name(tmp_path):
     np.savez(tmp_path / "wrong.npz", foo=a, bar=b)
     with pytest.raises(InputDataError, match="do not match the model's inputs a, b"):
         normfx.verify(sub("ab"), sub("ab"), str(tmp_path / "wrong.npz"))
+
+
+def test_an_empty_batch_is_refused_rather_than_passing_with_nothing_compared():
+    from normfx.testing import assert_equivalent
+
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.BatchNorm1d(2)).eval()
+    empty = torch.randn(0, 1, 8)
+    with pytest.raises(InputDataError, match="hold no values, so there is nothing to compare"):
+        normfx.verify(model, model, empty)
+    with pytest.raises(InputDataError, match="hold no values"):
+        assert_equivalent(model, model, (empty,))
