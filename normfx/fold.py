@@ -39,6 +39,7 @@ from .errors import RewriteError
 
 __all__ = [
     "KINDS",
+    "as_float64",
     "bn_affine",
     "fold_bn_after",
     "fold_bn_before",
@@ -61,7 +62,7 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # array plumbing
 
 
-def _f64(x: Any, name: str) -> np.ndarray:
+def as_float64(x: Any, name: str = "value") -> np.ndarray:
     """``x`` (torch tensor, numpy array, list, scalar) as a fresh float64 numpy array on the CPU."""
     if isinstance(x, torch.Tensor):
         if x.is_complex():
@@ -71,6 +72,9 @@ def _f64(x: Any, name: str) -> np.ndarray:
         return np.array(x, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
         raise RewriteError(f"{name}: cannot be read as a float64 array ({exc})") from None
+
+
+_f64 = as_float64
 
 
 def _is_float_dtype(dtype: np.dtype) -> bool:

@@ -18,11 +18,12 @@ requirement contradicts an earlier one (the fewest kept: one per conflicting rea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .errors import RewriteError
+from .fold import as_float64 as _f64
 
 __all__ = [
     "ACTIVATIONS",
@@ -30,18 +31,14 @@ __all__ = [
     "split_activation",
     "activation_reference",
     "apply_split",
+    "propagate_channels",
+    "sign_flip",
     "reparameterize_bn",
     "OffsetSolver",
     "Solution",
 ]
 
 ACTIVATIONS = ("relu", "relu6", "leaky_relu", "prelu")
-
-
-def _f64(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().double().numpy()
-    return np.array(x, dtype=np.float64, copy=True)
 
 
 @dataclass
@@ -64,20 +61,43 @@ class ActivationSplit:
         return self.slope is None
 
 
-def sign_flip(split: ActivationSplit) -> np.ndarray | None:
-    """±1 per channel when every channel's clamp is ``[0, ∞)`` (+1) or ``(-∞, 0]`` (−1): then
+def sign_flip(lower: Any, upper: Any, gain: Any = None) -> np.ndarray | None:
+    """±1 per channel when every channel's clamp ``[lower, upper]`` is ``[0, ∞)`` (+1) or ``(-∞, 0]`` (−1): then
     ``clamp(z) = s·relu(s·z)``, one multiplication by a sign before a plain ReLU, the outer ``s`` going into the
-    consumers' gain. Channels with gain 0 count as +1 (their value is never read). None for a PReLU form or when
-    some channel has other bounds (ReLU6)."""
-    if not split.clamp or split.lower is None or split.upper is None:
-        return None
-    lower, upper = _f64(split.lower), _f64(split.upper)
+    consumers' gain. Channels with ``gain`` 0 count as +1 (their value is never read). None when some channel
+    has other bounds (ReLU6)."""
+    lower, upper = _f64(lower), _f64(upper)
+    dead = np.zeros(lower.shape, dtype=bool) if gain is None else _f64(gain) == 0
     positive = (lower == 0) & (upper == np.inf)
-    negative = (lower == -np.inf) & (upper == 0)
-    dead = _f64(split.gain) == 0
-    if not np.all(positive | negative | dead):
+    negative = (lower == -np.inf) & (upper == 0) & ~dead
+    if lower.shape != upper.shape or not np.all(positive | negative | dead):
         return None
-    return np.where(negative & ~dead, -1.0, 1.0)
+    return np.where(negative, -1.0, 1.0)
+
+
+def propagate_channels(ops: dict, channels: dict, selected: Callable[[Any, int], int]) -> None:
+    """Fill ``channels`` (tensor → channel count) through the channel-transparent ops of a region, until nothing
+    changes. ``ops``: tensor → ``(kind, inputs)`` for the tensors an op computes (kind ``cat``, ``select`` or
+    any elementwise/pool kind that keeps the channel count); ``selected(tensor, input_channels)``: the channel
+    count a ``select`` keeps. Shared by the fx and ONNX routes."""
+    changed = True
+    while changed:
+        changed = False
+        for node, (kind, inputs) in ops.items():
+            known = [i for i in inputs if i in channels]
+            if kind == "select":
+                if node not in channels and known:
+                    channels[node], changed = selected(node, channels[inputs[0]]), True
+            elif kind != "cat":
+                value = next((channels[n] for n in [node, *inputs] if n in channels), None)
+                for n in [node, *inputs]:
+                    if value is not None and n not in channels:
+                        channels[n], changed = value, True
+            elif node not in channels and len(known) == len(inputs):
+                channels[node], changed = sum(channels[i] for i in inputs), True
+            elif node in channels and len(known) == len(inputs) - 1:
+                missing = next(i for i in inputs if i not in channels)
+                channels[missing], changed = channels[node] - sum(channels[i] for i in known), True
 
 
 def activation_reference(act: str, x: np.ndarray, slope: Any = None, axis: int = 1) -> np.ndarray:

@@ -76,3 +76,33 @@ def constant_nodes(proto: onnx.ModelProto) -> list[str]:
             known.update(node.output)
             found.append(node.op_type)
     return found
+
+
+def run_gloo_ranks(worker_source: str, tmp_path, world: int = 2, extra_args: tuple[str, ...] = ()) -> list:
+    """Run ``worker_source`` as ``world`` processes (argv: rank, world, rendezvous file, output folder, *extra_args)
+    on one machine with the repository importable and one thread each; every rank must exit 0 and write
+    ``<tmp_path>/rank<r>.pt``. Returns what each rank saved."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = Path(tmp_path) / "worker.py"
+    script.write_text(worker_source)
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(Path(tmp_path) / "rendezvous"),
+                               str(tmp_path), *extra_args], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=180)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, proc in enumerate(procs):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{logs[rank]}"
+    return [torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=False) for r in range(world)]

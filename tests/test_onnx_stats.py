@@ -13,16 +13,13 @@ amplified through depth. Tolerances: 2e-5 for statistics, 1e-5 for outputs.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import run_gloo_ranks
 from onnx import TensorProto, helper, numpy_helper
 from onnx_graphs import Builder
 
@@ -547,22 +544,7 @@ def test_two_gloo_ranks_equal_one_process_over_the_union(exported, tmp_path):
     path.write_bytes(proto.SerializeToString())
     batches = [b.numpy() for b in batches_for("trap_shared_bn", sizes=(6, 4, 6, 5, 3))]
     np.savez(tmp_path / "batches.npz", *batches)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "rendezvous"), str(tmp_path),
-                               str(path)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    try:
-        logs = [proc.communicate(timeout=180)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{logs[rank]}"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = run_gloo_ranks(WORKER, tmp_path, extra_args=(str(path),))
     single = inits(recompute_stats(proto, batches, progress=False))
     assert ranks[0]["values"].keys() == single.keys()
     for key, value in single.items():

@@ -7,7 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normfx.errors import RewriteError
-from normfx.preact import OffsetSolver, activation_reference, apply_split, reparameterize_bn, split_activation
+from normfx.preact import (
+    OffsetSolver,
+    activation_reference,
+    apply_split,
+    propagate_channels,
+    reparameterize_bn,
+    sign_flip,
+    split_activation,
+)
 
 CASES = [("relu", None), ("relu6", None), ("leaky_relu", np.array([0.1])), ("prelu", np.array([0.25])),
          ("prelu", "per_channel")]
@@ -159,3 +167,24 @@ def test_split_identity_over_channel_counts(c, seed, act):
     z = a.reshape(1, c, 1) * x + split.offset.reshape(1, c, 1)
     expected = activation_reference(act, s.reshape(1, c, 1) * x + t.reshape(1, c, 1), slope)
     np.testing.assert_allclose(apply_split(split, z), expected, atol=1e-10)
+
+
+def test_sign_flip_rewrites_a_relu_clamp_as_sign_relu_sign():
+    inf = np.inf
+    lower, upper = np.array([0.0, -inf, 0.0, 5.0]), np.array([inf, 0.0, inf, 7.0])
+    gain = np.array([2.0, -3.0, 1.0, 0.0])  # the last channel is dead: its bounds do not matter
+    signs = sign_flip(lower, upper, gain)
+    np.testing.assert_array_equal(signs, [1.0, -1.0, 1.0, 1.0])
+    z = np.random.default_rng(0).normal(size=(4, 100))
+    clamped = np.clip(z, lower[:, None], upper[:, None])
+    live = gain != 0
+    np.testing.assert_array_equal((signs[:, None] * np.maximum(signs[:, None] * z, 0))[live], clamped[live])
+    assert sign_flip(np.zeros(2), np.array([6.0, 6.0])) is None  # ReLU6 bounds
+
+
+def test_propagate_channels_through_add_cat_and_select():
+    ops = {"sum": ("add", ["a", "b"]), "cat": ("cat", ["sum", "c"]), "half": ("select", ["cat"]),
+           "back": ("cat", ["d", "e"])}
+    channels = {"a": 4, "c": 3, "back": 9, "d": 5}
+    propagate_channels(ops, channels, lambda node, n: n // 2)
+    assert channels == {"a": 4, "b": 4, "sum": 4, "c": 3, "cat": 7, "half": 3, "back": 9, "d": 5, "e": 4}

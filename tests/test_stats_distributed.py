@@ -4,15 +4,12 @@ must fail both instead of hanging."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import rel_error
+from helpers import rel_error, run_gloo_ranks
 
 from normfx import models
 from normfx.stats import diagnose_ema, recompute_stats_with_report
@@ -68,26 +65,7 @@ WORKER = textwrap.dedent(
 
 
 def run_ranks(tmp_path: Path, world: int = 2) -> list[dict]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(ROOT / "tests")))
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    init_file = tmp_path / "rendezvous"
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), str(world), str(init_file), str(tmp_path)],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(world)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=180)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank]}"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return run_gloo_ranks(WORKER.format(tests=str(ROOT / "tests")), tmp_path, world)
 
 
 @pytest.fixture(scope="module")

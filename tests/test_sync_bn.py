@@ -3,15 +3,12 @@ input and parameter gradients, running statistics, over two training steps, with
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import rel_error
+from helpers import rel_error, run_gloo_ranks
 from torch import nn
 
 import normfx
@@ -86,23 +83,7 @@ WORKER = textwrap.dedent(
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     tmp_path = tmp_path_factory.mktemp("sync")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(tests=str(ROOT / "tests")))
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "rendezvous"), str(tmp_path)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=180)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{outputs[rank]}"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return run_gloo_ranks(WORKER.format(tests=str(ROOT / "tests")), tmp_path)
 
 
 def test_two_gloo_ranks_equal_batchnorm_on_the_union(ranks):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ...fold import fold_bn_after, fold_bn_before
-from ...preact import OffsetSolver, Solution
+from ...preact import OffsetSolver, Solution, propagate_channels
 from .graph_state import GraphState, set_parameters
 from .patterns import BnSite, describe_node
 
@@ -130,29 +130,8 @@ class Region:
                 reader = state.layer(user)
                 if reader is not None and reader.kind == "conv" and user.args[0] is node:
                     channels[node] = reader.module.weight.shape[1] * reader.groups
-        changed = True
-        while changed:
-            changed = False
-            for node in self.nodes:
-                op = transparent(state, node)
-                if op is None:
-                    continue
-                kind, inputs = op
-                known = [i for i in inputs if i in channels]
-                if kind == "select":
-                    if node not in channels and known:
-                        channels[node], changed = len(range(channels[inputs[0]])[channel_slice(node)]), True
-                elif kind != "cat":
-                    group = [node] + inputs
-                    value = next((channels[n] for n in group if n in channels), None)
-                    for n in group:
-                        if value is not None and n not in channels:
-                            channels[n], changed = value, True
-                elif node not in channels and len(known) == len(inputs):
-                    channels[node], changed = sum(channels[i] for i in inputs), True
-                elif node in channels and len(known) == len(inputs) - 1:
-                    missing = next(i for i in inputs if i not in channels)
-                    channels[missing], changed = channels[node] - sum(channels[i] for i in known), True
+        ops = {node: op for node in self.nodes if (op := transparent(state, node)) is not None}
+        propagate_channels(ops, channels, lambda node, n: len(range(n)[channel_slice(node)]))
         unknown = [n for n in self.nodes if n not in channels]
         if unknown:
             self.reason = f"the channel count of {describe_node(state.gm, unknown[0])} is unknown"

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ...fold import fold_bn_after, fold_bn_before
-from ...preact import OffsetSolver, Solution
+from ...preact import OffsetSolver, Solution, propagate_channels
 from .edits import input_name
 from .workspace import Workspace, node_label
 
@@ -147,29 +147,12 @@ class Region:
             for user in ws.consumers(tensor):
                 if id(user) in self.sites:
                     channels[name] = self.sites[id(user)].channels
-        changed = True
-        while changed:  # through the transparent ops
-            changed = False
-            for name, tensor in self.tensors.items():
-                op = transparent(tensor.inputs[0], ws) if tensor.inputs else None
-                if op is None:
-                    continue
-                inputs = [t.name for t in op[1]]
-                known = [i for i in inputs if i in channels]
-                if op[0] == "select":
-                    if name not in channels and known:
-                        channels[name] = len(range(channels[inputs[0]])[_slice(tensor.inputs[0], ws)])
-                        changed = True
-                elif op[0] != "cat":
-                    value = next((channels[n] for n in [name] + inputs if n in channels), None)
-                    for n in [name] + inputs:
-                        if value is not None and n not in channels:
-                            channels[n], changed = value, True
-                elif name not in channels and len(known) == len(inputs):
-                    channels[name], changed = sum(channels[i] for i in inputs), True
-                elif name in channels and len(known) == len(inputs) - 1:
-                    missing = next(i for i in inputs if i not in channels)
-                    channels[missing], changed = channels[name] - sum(channels[i] for i in known), True
+        ops = {}  # through the transparent ops
+        for name, tensor in self.tensors.items():
+            op = transparent(tensor.inputs[0], ws) if tensor.inputs else None
+            if op is not None:
+                ops[name] = (op[0], [t.name for t in op[1]])
+        propagate_channels(ops, channels, lambda name, n: len(range(n)[_slice(self.tensors[name].inputs[0], ws)]))
         unknown = [n for n in self.tensors if n not in channels]
         if unknown:
             self.reason = f"the channel count of {unknown[0]!r} is unknown (no shape information)"

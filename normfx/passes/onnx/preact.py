@@ -170,7 +170,7 @@ def _fold(c: Candidate, split: ActivationSplit, ws: Workspace) -> list[str]:
     gain = split.gain
     if split.clamp:
         top = np.inf if c.kind == "relu" else 6.0
-        sign = sign_flip(split) if c.kind == "relu" else None
+        sign = sign_flip(split.lower, split.upper, split.gain) if c.kind == "relu" else None
         if not (np.all(split.lower == 0) and np.all(split.upper == top)):
             out = act.outputs[0]
             if sign is not None:  # s·relu(s·z): a Mul by ±1, the Relu, the outer s into the consumers

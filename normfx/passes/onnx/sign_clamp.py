@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ...fold import fold_bn_before
+from ...preact import sign_flip
 from .offsets import layer_of, set_layer
 from .preact import reader_layers
 from .workspace import Workspace, node_label
@@ -39,17 +40,6 @@ def _per_channel(value: np.ndarray, rank: int) -> np.ndarray | None:
     return value.reshape(-1).astype(np.float64)
 
 
-def _signs(lower: np.ndarray, upper: np.ndarray) -> np.ndarray | None:
-    """+1 where the clamp is ``[0, ∞)``, −1 where it is ``(-∞, 0]``; None for any other bounds or no −1 at all."""
-    if lower.shape != upper.shape:
-        return None
-    positive = (lower == 0) & (upper == np.inf)
-    negative = (lower == -np.inf) & (upper == 0)
-    if not np.all(positive | negative) or not np.any(negative):
-        return None
-    return np.where(negative, -1.0, 1.0)
-
-
 def _match(node: gs.Node, ws: Workspace) -> tuple[gs.Node, np.ndarray, list] | None:
     if node.op != "Max" or node.domain or len(node.inputs) != 2 or not ws.in_main_graph(node):
         return None
@@ -67,8 +57,8 @@ def _match(node: gs.Node, ws: Workspace) -> tuple[gs.Node, np.ndarray, list] | N
     lower, upper = _per_channel(np.asarray(lower), rank), _per_channel(np.asarray(upper), rank)
     if lower is None or upper is None:
         return None
-    signs = _signs(lower, upper)
-    if signs is None:
+    signs = sign_flip(lower, upper)
+    if signs is None or not np.any(signs < 0):  # other bounds, or a plain ReLU already
         return None
     readers, why = reader_layers(upper_node.outputs[0], ws, signs.size)
     return None if why else (upper_node, signs, readers)
