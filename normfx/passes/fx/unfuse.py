@@ -40,6 +40,7 @@ from ..unfuse_options import (
     refuse_or_note,
     unfuse_options,
 )
+from .codegen import finish_code
 from .frozen import freeze_module
 from .graph_state import GraphState, set_parameters
 from .patterns import LayerInfo, describe_node, layer_info
@@ -211,8 +212,7 @@ def run(model: nn.Module, ctx) -> nn.Module:
             bn_name, bias = _insert(state, node, layer, options)
             inserted.append(Inserted(name, part.qualified(bn_name), layer, bias))
         state.gm.graph.lint()
-        state.gm.recompile()
-        return state.gm
+        return finish_code(state.gm)
 
     result = rewrite_traceable_parts(model, rewrite_graph, lambda path, why: untraceable.append(path),
                                      wanted=lambda m: layer_info(m) is not None)

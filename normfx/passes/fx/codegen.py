@@ -1,0 +1,78 @@
+"""Fast module access in the code torch.fx generates.
+
+torch.fx writes a call to the module at ``stages.0.conv.0`` as ``getattr(getattr(self.stages, "0").conv, "0")(x)``:
+one ``nn.Module.__getattr__`` (a Python function) per level. On a small deployed model that is a measurable
+share of an eager forward (MobileOne after ``fuse``: 22 such calls, about 1.5 µs per level, ~8 % of the forward).
+:class:`DirectModuleAccess` writes the same call as ``self._modules['stages']._modules['0']...(x)``: plain
+dictionary reads, looked up afresh on every call (a submodule replaced later is the one called), with the
+module tree, the state_dict keys and the graph unchanged. Only the generated source differs.
+
+:func:`finish_code` also drops type annotations that are strings (a model written with ``from __future__ import
+annotations`` has ``x: "torch.Tensor"``): torch.fx keeps them as string globals of the generated code, and
+pickling the graph module (``torch.save(model)``) then fails inside torch.fx.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from torch import fx
+from torch.fx.graph import CodeGen, PythonCode
+
+__all__ = ["DirectModuleAccess", "finish_code", "use_direct_module_access"]
+
+log = logging.getLogger(__name__)
+
+
+def _getattr_chain(base: str, target: str) -> str:
+    """The expression torch.fx writes for ``target`` (``torch.fx.graph._format_target``)."""
+    expression = base
+    for element in target.split("."):
+        expression = f"{expression}.{element}" if element.isidentifier() else f'getattr({expression}, "{element}")'
+    return expression
+
+
+def _dictionary_chain(base: str, path: list[str]) -> str:
+    return base + "".join(f"._modules[{element!r}]" for element in path)
+
+
+class DirectModuleAccess(CodeGen):
+    """torch.fx's code generator, with module lookups written as ``_modules`` dictionary reads."""
+
+    def _gen_python_code(self, nodes, root_module: str, namespace, **kwargs) -> PythonCode:
+        code = super()._gen_python_code(nodes, root_module, namespace, **kwargs)
+        src = code.src
+        for node in nodes:
+            if node.op == "call_module":
+                fast = _dictionary_chain(root_module, node.target.split("."))
+            elif node.op == "get_attr" and "." in node.target:
+                owner, _, attr = node.target.rpartition(".")
+                fast = _getattr_chain(_dictionary_chain(root_module, owner.split(".")), attr)
+            else:
+                continue
+            slow = _getattr_chain(root_module, node.target)
+            # the generated line is ``name[: annotation] = <target expression>(args)`` for call_module and
+            # ``name[: annotation] = <target expression>`` for get_attr: match the expression right after " = "
+            end = "(" if node.op == "call_module" else ""
+            src = src.replace(f" = {slow}{end}", f" = {fast}{end}")
+        return dataclasses.replace(code, src=src)
+
+
+def use_direct_module_access(gm: fx.GraphModule) -> fx.GraphModule:
+    """Regenerate ``gm``'s code with :class:`DirectModuleAccess` (a graph with its own code generator, e.g. one
+    from torch.export, keeps it). Returns ``gm``."""
+    if type(gm.graph._codegen) is CodeGen:
+        gm.graph.set_codegen(DirectModuleAccess())
+    else:
+        log.debug("keeping the graph's own code generator %s", type(gm.graph._codegen).__name__)
+    gm.recompile()
+    return gm
+
+
+def finish_code(gm: fx.GraphModule) -> fx.GraphModule:
+    """The last step of every fx rewrite: drop string annotations, then :func:`use_direct_module_access`."""
+    for node in gm.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    return use_direct_module_access(gm)
