@@ -117,3 +117,25 @@ def test_a_graph_with_its_own_code_generator_keeps_it():
     use_direct_module_access(gm)
     assert type(gm.graph._codegen) is Custom
     assert torch.equal(gm(torch.ones(1, 3)), gm.get_submodule("0")(torch.ones(1, 3)))
+
+
+def test_a_traced_part_generates_its_code_once_when_the_rewrite_ends():
+    from normfx.passes.fx.codegen import is_deferred
+    from normfx.passes.fx.tracing import rewrite_traceable_parts
+
+    model = models.create("resnet18", seed=1).eval()
+    x = models.example_input("resnet18", batch=2, seed=1)
+    seen = []
+
+    def look(part):  # a rewrite that leaves the graph as it is and does not finish it
+        seen.append(part.graph_module)
+        assert is_deferred(part.graph_module)
+        with pytest.raises(RuntimeError, match="still being rewritten"):
+            part.graph_module(x)
+        return part.graph_module
+
+    result = rewrite_traceable_parts(model, look, lambda path, why: None)
+    assert seen == [result] and not is_deferred(result)
+    assert isinstance(result.graph._codegen, DirectModuleAccess)
+    with torch.no_grad():
+        assert torch.equal(result(x), model(x))

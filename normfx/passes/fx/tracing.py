@@ -10,6 +10,7 @@ from typing import Callable
 from torch import fx, nn
 
 from ...layers import ProxyNormAct, StdConv, is_batchnorm
+from .codegen import DeferredCode, finish_code, is_deferred
 
 __all__ = ["NormTracer", "TracedPart", "rewrite_traceable_parts"]
 
@@ -68,6 +69,7 @@ def _trace(module: nn.Module) -> tuple[fx.GraphModule | None, list[str], str]:
             opaque.append(failed)
             continue
         name = module.__class__.__name__
+        graph.set_codegen(DeferredCode())  # the rewrite changes the graph: its code is generated once, at the end
         return fx.GraphModule(tracer.root, graph, name), opaque, ""
     return None, [], "tracing did not converge"
 
@@ -107,4 +109,7 @@ def rewrite_traceable_parts(
         graph_module.set_submodule(name, rewrite_traceable_parts(inner, rewrite_graph, on_untraceable, path, make_private,
                                                                  wanted))
     part = TracedPart(prefix, graph_module, list(opaque))
-    return rewrite_graph(part)
+    result = rewrite_graph(part)
+    if isinstance(result, fx.GraphModule) and is_deferred(result):  # a rewrite that did not finish its graph
+        finish_code(result)
+    return result
