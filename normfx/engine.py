@@ -6,12 +6,14 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from .errors import ModelError, PolicyError, RewriteError
+from .gc_pause import paused_gc
 from .input_checks import check_lazy_modules
 from .layers import is_batchnorm
 from .policy import Policy, Step, parse_policy, policy_names
@@ -151,7 +153,9 @@ def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: di
         ctx = PassContext(step, parsed, report, inputs, data_for(step), dry_run, dict(options), owns_model=owned,
                           feed=feed)
         log.debug("running step %s (dry_run=%s)", step, dry_run)
-        result = run_pass(work, ctx)
+        # a graph pass runs with the collector paused (gc_pause.py); a pass over data may run for long: not paused
+        with paused_gc() if ctx.data is None else nullcontext():
+            result = run_pass(work, ctx)
         if result is not None:
             work = result
         owned = True
