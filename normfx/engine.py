@@ -154,7 +154,7 @@ def _run(model: Any, policy: Any, *, example_inputs: Any, data: Any, options: di
                           feed=feed)
         log.debug("running step %s (dry_run=%s)", step, dry_run)
         # a graph pass runs with the collector paused (gc_pause.py); a pass over data may run for long: not paused
-        with paused_gc() if ctx.data is None else nullcontext():
+        with nullcontext() if spec.takes_data and ctx.data is not None else paused_gc():
             result = run_pass(work, ctx)
         if result is not None:
             work = result

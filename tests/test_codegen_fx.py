@@ -139,3 +139,56 @@ def test_a_traced_part_generates_its_code_once_when_the_rewrite_ends():
     assert isinstance(result.graph._codegen, DirectModuleAccess)
     with torch.no_grad():
         assert torch.equal(result(x), model(x))
+
+
+class _UserNet(nn.Module):
+    """A user model without string annotations (the zoo's have them, which TorchScript never accepted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)))
+
+    def forward(self, x):
+        return self.body(x).relu()
+
+
+def test_torch_jit_script_gets_torch_fx_code_and_the_same_function():
+    model = _UserNet()
+    models.randomize_batchnorm(model, 4)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    fused = normfx.rewrite(model, "fuse", example_inputs=x)
+    assert "_modules[" in fused.code
+    for candidate in (fused, copy.deepcopy(fused)):
+        scripted = torch.jit.script(candidate)
+        with torch.no_grad():
+            assert torch.allclose(scripted(x), fused(x), rtol=1e-6, atol=1e-7)
+    assert "_modules[" in fused.code  # scripting left the rewritten module as it was
+
+
+class _KeywordNames(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleDict({"for": nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))})
+
+    def forward(self, x):
+        return self.blocks["for"](x)
+
+
+def test_a_submodule_named_by_a_python_keyword_is_rewritten_where_torch_fx_can_write_it():
+    model = _KeywordNames()
+    models.randomize_batchnorm(model, 2)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    from normfx.passes.fx.codegen import unwritable_target
+
+    assert unwritable_target(fx.Tracer().trace(model)) == "its submodule name 'blocks.for.0' holds the Python keyword 'for'"
+    fused = normfx.rewrite(model, "fuse", example_inputs=x)
+    assert not isinstance(fused, fx.GraphModule) and isinstance(fused.blocks["for"], fx.GraphModule)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # the inner part was traced and fused
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    with torch.no_grad():
+        assert rel_error(model(x), torch.load(buffer, weights_only=False)(x)) <= 1e-5

@@ -39,3 +39,22 @@ def test_a_fuse_pass_runs_without_collections_and_leaves_the_collector_on(monkey
     normfx.rewrite(model, "fuse", example_inputs=x)
     assert states == [False]
     assert gc.isenabled()
+
+
+def test_a_step_that_reads_data_runs_with_the_collector_on(monkeypatch):
+    model = models.create("resnet18", seed=1)
+    x = models.example_input("resnet18", batch=2)
+    states = {}
+    from normfx import stats
+    from normfx.passes.fx import fuse
+
+    for module, name in ((stats, "run_precise"), (fuse, "run")):
+        original = getattr(module, name)
+
+        def spying(work, ctx, original=original, label=name):
+            states[label] = gc.isenabled()
+            return original(work, ctx)
+
+        monkeypatch.setattr(module, name, spying)
+    normfx.rewrite(model, ["precise", "fuse"], example_inputs=x, data=[x, x])
+    assert states == {"run_precise": True, "run": False}

@@ -18,13 +18,16 @@ codegen per 100 nodes: about a tenth of a ``fuse`` pass).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import keyword
 import logging
 
 from torch import fx
 from torch.fx.graph import CodeGen, PythonCode
 
-__all__ = ["DeferredCode", "DirectModuleAccess", "finish_code", "is_deferred", "use_direct_module_access"]
+__all__ = ["DeferredCode", "DirectModuleAccess", "RewrittenGraphModule", "finish_code", "is_deferred", "unwritable_target",
+           "use_direct_module_access"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,33 @@ class DeferredCode(CodeGen):
                "    raise RuntimeError('normfx: this graph module is still being rewritten (finish_code generates its "
                "code)')\n")
         return PythonCode(src, {}, None)
+
+
+class RewrittenGraphModule(fx.GraphModule):
+    """The graph module of a traced part. TorchScript cannot compile ``self._modules[...]``: ``torch.jit.script``
+    gets a twin with torch.fx's own code (sharing this module's submodules and tensors). The class survives
+    ``copy.deepcopy``; ``torch.save``/``torch.load`` gives back a plain ``GraphModule`` with torch.fx's code."""
+
+    def __prepare_scriptable__(self) -> fx.GraphModule:
+        if type(self.graph._codegen) not in (DirectModuleAccess, DeferredCode):
+            return self
+        graph = copy.deepcopy(self.graph)
+        graph.set_codegen(CodeGen())
+        return fx.GraphModule(self, graph, type(self).__name__)
+
+
+def unwritable_target(graph: fx.Graph) -> str:
+    """Why torch.fx's own code generator cannot write a module or attribute target of ``graph`` as Python (a
+    Python keyword, a quote or a backslash in a name: pickling and torch.export regenerate that code), or ""."""
+    for node in graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        for element in str(node.target).split("."):
+            if keyword.iskeyword(element):
+                return f"its submodule name {node.target!r} holds the Python keyword {element!r}"
+            if '"' in element or "\\" in element:
+                return f"its submodule name {node.target!r} holds a quote or a backslash"
+    return ""
 
 
 def is_deferred(gm: fx.GraphModule) -> bool:

@@ -10,7 +10,7 @@ from typing import Callable
 from torch import fx, nn
 
 from ...layers import ProxyNormAct, StdConv, is_batchnorm
-from .codegen import DeferredCode, finish_code, is_deferred
+from .codegen import DeferredCode, RewrittenGraphModule, finish_code, is_deferred, unwritable_target
 
 __all__ = ["NormTracer", "TracedPart", "rewrite_traceable_parts"]
 
@@ -68,9 +68,12 @@ def _trace(module: nn.Module) -> tuple[fx.GraphModule | None, list[str], str]:
             log.info("torch.fx cannot trace %s (%s); treating it as a leaf", failed, type(exc).__name__)
             opaque.append(failed)
             continue
+        unwritable = unwritable_target(graph)
+        if unwritable:  # torch.fx itself could not write its code (our code could, but not pickle or torch.export)
+            return None, [], f"torch.fx cannot write code for it: {unwritable}"
         name = module.__class__.__name__
         graph.set_codegen(DeferredCode())  # the rewrite changes the graph: its code is generated once, at the end
-        return fx.GraphModule(tracer.root, graph, name), opaque, ""
+        return RewrittenGraphModule(tracer.root, graph, name), opaque, ""
     return None, [], "tracing did not converge"
 
 
