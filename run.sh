@@ -6,9 +6,12 @@
 #   ./run.sh bench   the benchmarks (tables on stdout, JSON in out/benchmarks/; `./run.sh bench --commit` writes
 #                    the committed benchmarks/results/ instead: do it on a quiet machine, after committing the code)
 #   ./run.sh lint    ruff
-#   ./run.sh normfx ARGS...   the normfx command line from .venv (e.g. ./run.sh normfx export --model resnet18 ...)
+#   ./run.sh normfx ARGS...   the normfx command line from .venv, run in the caller's folder (relative paths and
+#                    module:factory imports resolve there), e.g. ./run.sh normfx export --model resnet18 ...
 set -euo pipefail
+CALLER="$PWD"
 cd "$(dirname "$0")"
+ROOT="$PWD"
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
 BIN="$VENV/bin"
@@ -41,10 +44,11 @@ case "${1:-}" in
     normfx)
         setup
         shift
-        exec "$BIN/python" -m normfx "$@" ;;
+        cd "$CALLER"
+        exec "$ROOT/$BIN/python" -m normfx "$@" ;;
     lint)
         setup
-        "$BIN/ruff" check normfx tests benchmarks ;;
+        "$BIN/ruff" check normfx tests benchmarks examples ;;
     *)
         echo "usage: ./run.sh setup|demo|test|bench [--commit]|lint|normfx ARGS..." >&2
         exit 2 ;;

@@ -1,10 +1,11 @@
-"""The README's benchmark table, computed from the committed results (``benchmarks/results/*.json``): for every
-ratio, the median over the models, the worst case with its model, and how many models are above 1×.
+"""The README's benchmark tables, computed from the committed results (``benchmarks/results/*.json``): the summary
+(for every ratio, the median over the models, the worst case with its model, and how many models are above 1×)
+and the per-model tables of the Proxy Norm and complete-fold benchmarks.
 
-    python benchmarks/readme_numbers.py            # print the table
-    python benchmarks/readme_numbers.py --update   # rewrite it in README.md (between the bench-table markers)
+    python benchmarks/readme_numbers.py            # print the tables
+    python benchmarks/readme_numbers.py --update   # rewrite them in README.md (between their <!-- NAME:start/end --> markers)
 
-``tests/test_results_fresh.py`` checks that README.md holds exactly this table, so the README's numbers follow
+``tests/test_results_fresh.py`` checks that README.md holds exactly these tables, so the README's numbers follow
 the committed results: after `./run.sh bench --commit`, run this with ``--update``.
 """
 
@@ -20,7 +21,6 @@ from typing import Any, Callable, Iterable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 README = os.path.join(REPO, "README.md")
-START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 def _no_bn_left(row: dict[str, Any]) -> bool:
     return row.get("bn_left") == 0
@@ -81,30 +81,66 @@ def table(ratios: Iterable[tuple] = RATIOS) -> str:
     return "\n".join(lines)
 
 
-def readme_block(text: str) -> str | None:
-    """The table README.md holds between the markers (None without markers)."""
-    if START not in text or END not in text:
+def proxynorm_table() -> str:
+    """Per model: GN + Proxy Norm after ``fuse`` against GN alone (bench_proxynorm.py)."""
+    lines = ["| model | PN layers | ops left by the fold | latency GN+PN / GN | before fold | A/A | "
+             "training fwd+bwd, PN / plain act |", "|---|---|---|---|---|---|---|"]
+    for r in _rows("proxynorm.json"):
+        lines.append(f"| {r['model']} | {r['proxy_norm_layers']} | {r['leftover_ops']} | {r['latency_ratio']:.3f}× | "
+                     f"{r['unfused_latency_ratio']:.3f}× | {r['control_ratio']:.3f} | {r['train_ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
+def complete_fold_table() -> str:
+    """Per model and batch: normfx ``fuse`` against the bound and the original (bench_complete_fold.py)."""
+    lines = ["| model | batch | BNs left | ORT: normfx / bound | ORT: normfx / original | eager: normfx / bound | "
+             "eager: normfx / original | error vs original |", "|---|---|---|---|---|---|---|---|"]
+    for r in _rows("complete_fold.json"):
+        lines.append(f"| {r['model']} | {r['batch']} | {r['bn_left']} | {r['ort_b_over_c']:.3f}× | "
+                     f"{r['ort_b_over_a']:.3f}× | {r['eager_b_over_c']:.3f}× | {r['eager_b_over_a']:.3f}× | "
+                     f"{r['normfx_rel_error']:.1e} |")
+    return "\n".join(lines)
+
+
+# README block name -> its generator; README.md holds each between <!-- NAME:start --> and <!-- NAME:end -->
+BLOCKS: dict[str, Callable[[], str]] = {
+    "bench-table": table,
+    "proxynorm-table": proxynorm_table,
+    "complete-fold-table": complete_fold_table,
+}
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def readme_block(text: str, name: str = "bench-table") -> str | None:
+    """The table README.md holds between ``name``'s markers (None without markers)."""
+    start, end = _markers(name)
+    if start not in text or end not in text:
         return None
-    return text.split(START, 1)[1].split(END, 1)[0].strip()
+    return text.split(start, 1)[1].split(end, 1)[0].strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--update", action="store_true", help="rewrite the table in README.md")
+    parser.add_argument("--update", action="store_true", help="rewrite the tables in README.md")
     args = parser.parse_args(argv)
-    generated = table()
-    print(generated)
+    generated = {name: make() for name, make in BLOCKS.items()}
+    print("\n\n".join(generated.values()))
     if args.update:
         from normfx.io_utils import atomic_write_text
 
         with open(README) as handle:
             text = handle.read()
-        if readme_block(text) is None:
-            print(f"README.md has no {START} ... {END} block", file=sys.stderr)
-            return 2
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        atomic_write_text(README, f"{head}{START}\n{generated}\n{END}{tail}")
+        for name, block in generated.items():
+            start, end = _markers(name)
+            if readme_block(text, name) is None:
+                print(f"README.md has no {start} ... {end} block", file=sys.stderr)
+                return 2
+            head, rest = text.split(start, 1)
+            text = f"{head}{start}\n{block}\n{end}{rest.split(end, 1)[1]}"
+        atomic_write_text(README, text)
         print("updated README.md")
     return 0
 

@@ -183,7 +183,8 @@ def feed_for(session, arrays: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -
         array = np.asarray(array)
         if want is not None and array.dtype != want:
             if np.issubdtype(array.dtype, np.floating) != np.issubdtype(np.dtype(want), np.floating):
-                raise InputDataError(f"input {spec.name!r} expects {spec.type}, got an array of {array.dtype}")
+                raise InputDataError(f"input {spec.name!r} expects {spec.type}, got an array of {array.dtype}; convert it "
+                                     f"first (e.g. array.astype('{np.dtype(want).name}'), scaled as the model expects)")
             array = array.astype(want)
         _check_shape(spec, array)
         if array.size == 0:

@@ -92,10 +92,12 @@ def test_readme_quotes_the_committed_results():
     finally:
         sys.path.pop(0)
     with open(os.path.join(REPO, "README.md")) as handle:
-        block = readme_numbers.readme_block(handle.read())
-    assert block is not None, "README.md has lost its bench-table markers"
-    assert block == readme_numbers.table(), (
-        "README.md's benchmark table differs from benchmarks/results: run `python benchmarks/readme_numbers.py --update`")
+        text = handle.read()
+    for name, make in readme_numbers.BLOCKS.items():
+        block = readme_numbers.readme_block(text, name)
+        assert block is not None, f"README.md has lost its {name} markers"
+        assert block == make(), (
+            f"README.md's {name} differs from benchmarks/results: run `python benchmarks/readme_numbers.py --update`")
 
 
 # --- the check itself, on a scratch repository: fresh, stale, unstamped, dirty -------------------------------

@@ -77,7 +77,8 @@ def _fit(array: np.ndarray, spec: GraphInput, index: int) -> np.ndarray:
         kinds = {array.dtype.kind in "fc", want.kind in "fc"}
         if len(kinds) != 1 or (array.dtype.kind == "b") != (want.kind == "b"):
             raise InputDataError(
-                f"batch {index}: input {spec.name!r} expects {want} values, got an array of {array.dtype}"
+                f"batch {index}: input {spec.name!r} expects {want} values, got an array of {array.dtype}; convert "
+                f"the data first (e.g. array.astype('{want}'), scaled as the model expects)"
             )
         array = array.astype(want)
     if spec.dims is not None:
