@@ -81,25 +81,36 @@ def table(ratios: Iterable[tuple] = RATIOS) -> str:
     return "\n".join(lines)
 
 
+def _rows_table(name: str, columns: list[tuple[str, Callable[[dict[str, Any]], str]]]) -> str:
+    """One line per row of the results file ``name``: (header, cell) per column."""
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in _rows(name)]
+    return "\n".join(lines)
+
+
+def _ratio(key: str, digits: int = 3) -> Callable[[dict[str, Any]], str]:
+    return lambda row: f"{row[key]:.{digits}f}×"
+
+
 def proxynorm_table() -> str:
     """Per model: GN + Proxy Norm after ``fuse`` against GN alone (bench_proxynorm.py)."""
-    lines = ["| model | PN layers | ops left by the fold | latency GN+PN / GN | before fold | A/A | "
-             "training fwd+bwd, PN / plain act |", "|---|---|---|---|---|---|---|"]
-    for r in _rows("proxynorm.json"):
-        lines.append(f"| {r['model']} | {r['proxy_norm_layers']} | {r['leftover_ops']} | {r['latency_ratio']:.3f}× | "
-                     f"{r['unfused_latency_ratio']:.3f}× | {r['control_ratio']:.3f} | {r['train_ratio']:.2f}× |")
-    return "\n".join(lines)
+    return _rows_table("proxynorm.json", [
+        ("model", lambda r: r["model"]), ("PN layers", lambda r: str(r["proxy_norm_layers"])),
+        ("ops left by the fold", lambda r: str(r["leftover_ops"])),
+        ("latency GN+PN / GN", _ratio("latency_ratio")), ("before fold", _ratio("unfused_latency_ratio")),
+        ("A/A", lambda r: f"{r['control_ratio']:.3f}"),
+        ("training fwd+bwd, PN / plain act", _ratio("train_ratio", 2)),
+    ])
 
 
 def complete_fold_table() -> str:
     """Per model and batch: normfx ``fuse`` against the bound and the original (bench_complete_fold.py)."""
-    lines = ["| model | batch | BNs left | ORT: normfx / bound | ORT: normfx / original | eager: normfx / bound | "
-             "eager: normfx / original | error vs original |", "|---|---|---|---|---|---|---|---|"]
-    for r in _rows("complete_fold.json"):
-        lines.append(f"| {r['model']} | {r['batch']} | {r['bn_left']} | {r['ort_b_over_c']:.3f}× | "
-                     f"{r['ort_b_over_a']:.3f}× | {r['eager_b_over_c']:.3f}× | {r['eager_b_over_a']:.3f}× | "
-                     f"{r['normfx_rel_error']:.1e} |")
-    return "\n".join(lines)
+    return _rows_table("complete_fold.json", [
+        ("model", lambda r: r["model"]), ("batch", lambda r: str(r["batch"])), ("BNs left", lambda r: str(r["bn_left"])),
+        ("ORT: normfx / bound", _ratio("ort_b_over_c")), ("ORT: normfx / original", _ratio("ort_b_over_a")),
+        ("eager: normfx / bound", _ratio("eager_b_over_c")), ("eager: normfx / original", _ratio("eager_b_over_a")),
+        ("error vs original", lambda r: f"{r['normfx_rel_error']:.1e}"),
+    ])
 
 
 # README block name -> its generator; README.md holds each between <!-- NAME:start --> and <!-- NAME:end -->
