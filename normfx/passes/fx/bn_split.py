@@ -16,10 +16,9 @@ import torch
 from torch import fx, nn
 
 from ...errors import RewriteError
-from ...fold import fold_bn_before, is_uniform
 from ...slices import channel_axis, chunk_sizes, concat_ranges, restrict, slice_channels, split_sizes
 from . import forward_fold
-from .graph_state import GraphState, set_parameters
+from .graph_state import GraphState
 from .patterns import BnSite, describe_node
 
 __all__ = ["check", "apply"]
@@ -158,25 +157,13 @@ def _span(index: np.ndarray) -> str:
 
 
 def _fold_piece(state: GraphState, sub: BnSite, layer_node: fx.Node) -> str:
-    """``forward_fold.apply`` for one piece, without taking any node out (the BN goes once all pieces folded)."""
-    shape = state.input_shape(state.gm.get_submodule(layer_node.target))
-    module, note = state.own_module(layer_node)
-    layer = state.layer(layer_node)
-    old_weight = module.weight.detach()
-    old_bias = None if module.bias is None else module.bias.detach()
-    weight, bias = fold_bn_before(old_weight, old_bias, sub.scale, sub.shift, kind=layer.kind, groups=layer.groups)
-    response = state.responses.pop(layer_node, None)
-    name = state.part.qualified(str(layer_node.target))
-    if response is not None and not is_uniform(response):
-        if old_bias is not None:
-            response = response + old_bias.double().reshape((-1,) + (1,) * (response.dim() - 1))
-        set_parameters(module, weight, None)
-        border = response.to(old_weight.dtype).unsqueeze(0)
-        state.add_constant_after(layer_node, border, str(layer_node.target).replace(".", "_") + "_bn_shift")
-        name += f" (border correction, exact for input shape {list(shape)} only)"
-    else:
-        set_parameters(module, weight, bias)
-    return name + (f" ({note})" if note else "")
+    """:func:`forward_fold.fold_into` for one piece, without taking any node out (the BN goes once all pieces
+    folded); returns how the piece is named in the reason."""
+    folded = forward_fold.fold_into(state, sub.scale, sub.shift, layer_node)
+    name = folded["into"]
+    if "border_correction" in folded:
+        name += f" (border correction, {folded['border_correction']})"
+    return name + (f" ({folded['note']})" if "note" in folded else "")
 
 
 def apply(state: GraphState, site: BnSite, plans: list[tuple[BnSite, fx.Node, np.ndarray]]) -> tuple[str, dict]:

@@ -10,6 +10,8 @@ reason (the constant ties the model to one input shape).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -17,7 +19,7 @@ from ...fold import fold_bn_before, is_uniform, shift_response
 from .graph_state import GraphState, set_parameters
 from .patterns import BnSite, activation_name, describe_node
 
-__all__ = ["check", "apply"]
+__all__ = ["apply", "check", "fold_into"]
 
 
 def _first_arg(node: fx.Node):
@@ -73,14 +75,17 @@ def _shift_response(layer, site: BnSite, shape) -> torch.Tensor:
     ))
 
 
-def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
+def fold_into(state: GraphState, scale: Any, shift: Any, layer_node: fx.Node) -> dict:
+    """Fold the per-channel affine ``x·scale + shift`` before ``layer_node`` into that layer (with the border
+    correction :func:`check` measured, if any); the BN node stays in the graph. Returns ``into`` (the layer's
+    qualified name) and, when they apply, ``border_correction`` and ``note``."""
     shape = state.input_shape(state.gm.get_submodule(layer_node.target))  # before the module is made private
     module, note = state.own_module(layer_node)
     layer = state.layer(layer_node)
     old_weight = module.weight.detach()
     old_bias = None if module.bias is None else module.bias.detach()
-    weight, bias = fold_bn_before(old_weight, old_bias, site.scale, site.shift, kind=layer.kind, groups=layer.groups)
-    details = {"into": state.part.qualified(str(layer_node.target)), "direction": "forward"}
+    weight, bias = fold_bn_before(old_weight, old_bias, scale, shift, kind=layer.kind, groups=layer.groups)
+    details = {"into": state.part.qualified(str(layer_node.target))}
     response = state.responses.pop(layer_node, None)
     if response is not None and not is_uniform(response):  # else fold_bn_before's bias is exact (as in ONNX)
         if old_bias is not None:
@@ -91,7 +96,12 @@ def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
         details["border_correction"] = f"exact for input shape {list(shape)} only"
     else:
         set_parameters(module, weight, bias)
-    state.remove_bn(site, site.input_node)
     if note:
         details["note"] = note
     return details
+
+
+def apply(state: GraphState, site: BnSite, layer_node: fx.Node) -> dict:
+    folded = fold_into(state, site.scale, site.shift, layer_node)
+    state.remove_bn(site, site.input_node)
+    return {"into": folded.pop("into"), "direction": "forward", **folded}
