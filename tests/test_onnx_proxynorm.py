@@ -97,8 +97,11 @@ def test_gn_proxynorm_heads(head, act):
     ops = Counter(n.op_type for n in out.graph.node)
     silu = int(act == "silu")  # x * sigmoid(x)
     # the pre-affine (GN's Mul 1 / Add 0 and PN's Mul γ / Add β) merged into one Mul + one Add; the post-affine
-    # folded into the 1x1 conv / the Linear, its scale into the padded conv (its shift kept as one Add)
-    assert (ops["Mul"], ops["Add"], ops["Sub"], ops["Div"]) == (1 + silu, 1 + (head == "conv3x3"), 0, 0), ops
+    # folded into the 1x1 conv / the Linear, its scale into the padded conv (its shift kept as one Add after SiLU;
+    # after ReLU the shift moves before it, relu(a) + c = max(a + c, c): the ReLU becomes a Max, relu_offset)
+    kept_add = head == "conv3x3" and act == "silu"
+    assert (ops["Mul"], ops["Add"], ops["Sub"], ops["Div"]) == (1 + silu, 1 + kept_add, 0, 0), ops
+    assert ops["Max"] == (head == "conv3x3" and act == "relu"), ops
     assert ops["ReduceMean"] == (head == "linear") and not ops.keys() & {"Sqrt", "Reciprocal", "Sigmoid"} - (
         {"Sigmoid"} if silu else set())
     folds = by_fold(report)
@@ -155,7 +158,8 @@ class _ResNet(nn.Module):
         return self.fc(self.blocks(self.n0(self.stem(x))).mean((2, 3)))
 
 
-RESNET_AFTER = {"Conv": 5, "InstanceNormalization": 7, "Mul": 10, "Add": 11, "Sub": 2, "Gemm": 1}
+# the two ReLU ProxyNormActs before padded convs: their shifts move before the ReLU, which becomes a Max (relu_offset)
+RESNET_AFTER = {"Conv": 5, "InstanceNormalization": 7, "Mul": 10, "Add": 9, "Max": 2, "Sub": 2, "Gemm": 1}
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "torchscript_folded"])

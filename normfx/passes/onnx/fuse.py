@@ -14,7 +14,9 @@ statistics, a StdConv's standardized kernel) by initializers, and :mod:`.affine_
 rules on each ``Mul``/``Add``/``Sub``/``Div``-by-constant chain: into the normalization before it
 (:mod:`.norm_affine`), into the layers after it (:mod:`.affine_conv`, the BN forward rules reused),
 past an average pooling (:mod:`.affine_pool`), or merged into one Mul + Add (:mod:`.affine_merge`).
-The three families repeat until none changes the graph (a kernel evaluated lets a BN fold into it).
+The three families repeat until none changes the graph (a kernel evaluated lets a BN fold into it). Then
+pre-activation BNs (:mod:`.preact`), per-channel ReLU clamps (:mod:`.sign_clamp`) and per-channel Adds left after
+a Relu (:mod:`.relu_offset`: ``relu(a) + c = max(a + c, c)``, ``c`` moved upstream).
 Their entries come after the BN entries: ``applied`` with what was done, ``kept`` with the reasons
 (never ``skipped``: they are not the BatchNorms the policy targets, so ``strict`` ignores them).
 
@@ -44,6 +46,7 @@ from . import (
     conv_bn,
     gemm_bn,
     preact,
+    relu_offset,
     sign_clamp,
     standalone_bn,
 )
@@ -144,6 +147,7 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
     if forward:  # BN → Relu → Conv/Gemm with the BN input from an Add/Concat: pre-activation, solved together
         preact.run(pending, ws, decisions)
     sign_clamps = sign_clamp.run(ws)  # per-channel ReLU clamps (negative BN scales) → Mul by ±1 + Relu
+    relu_offsets = relu_offset.run(ws)  # Relu → Add(c) left before a padded conv → Max(a + c, c), c upstream
     for site in pending:
         reason = standalone_bn.reason(site, declines.get(site.name, []), ws, forward=forward)
         decisions[site.name] = (SKIPPED, reason, {})
@@ -160,16 +164,25 @@ def run(model: onnx.ModelProto, ctx: Any) -> onnx.ModelProto:
     for outcome in constants.values():
         status = APPLIED if outcome.folded else KEPT
         ctx.report.add(outcome.name, ctx.rule, status, outcome.reason, fold=constant_subgraph.RULE, **outcome.details)
+    absorbed = {rewrite.name for rewrite in relu_offsets}
     for entry in affine.entries.values():
         status = APPLIED if entry.folded else KEPT
         fold = entry.rules[-1] if entry.rules else "affine"
-        ctx.report.add(entry.name, ctx.rule, status, entry.reason, fold=fold, **entry.details)
+        reason = entry.reason
+        later = [step["added"] for step in entry.details.get("steps", []) if step.get("added") in absorbed]
+        if later:  # the Add this chain left was taken out afterwards (relu_offset)
+            reason += f"; the Add {later[0]!r} it kept was then absorbed by the Relu before it ({relu_offset.RULE})"
+        ctx.report.add(entry.name, ctx.rule, status, reason, fold=fold, **entry.details)
     if merges:
         merges.report(ctx)
     for clamp in sign_clamps:
         ctx.report.add(clamp.name, ctx.rule, APPLIED, f"per-channel ReLU clamp ({clamp.negative_channels} channel(s) "
                        f"clamped to (-inf, 0]) → Mul by ±1 + Relu, the sign folded into {', '.join(clamp.into)}",
                        fold=sign_clamp.RULE, into=clamp.into)
+    for absorbed in relu_offsets:
+        ctx.report.add(absorbed.name, ctx.rule, APPLIED, f"per-channel offset after Relu '{absorbed.relu}' absorbed: "
+                       f"relu(a) + c = max(a + c, c), c added into {absorbed.into!r}, the Relu now a Max by c",
+                       fold=relu_offset.RULE, into=absorbed.into)
     if not ws.changed:  # explain too returns the rewritten (private) copy: later steps see it
         return model
     return ws.export()

@@ -19,7 +19,7 @@ from .offsets import layer_of, set_layer
 from .preact import reader_layers
 from .workspace import Workspace, node_label
 
-__all__ = ["Rewrite", "run"]
+__all__ = ["Rewrite", "per_channel", "run"]
 
 RULE = "sign_clamp"
 
@@ -31,7 +31,7 @@ class Rewrite:
     negative_channels: int
 
 
-def _per_channel(value: np.ndarray, rank: int) -> np.ndarray | None:
+def per_channel(value: np.ndarray, rank: int) -> np.ndarray | None:
     """``value`` as one number per channel, when it broadcasts per channel over a rank-``rank`` tensor."""
     if value.ndim == rank and value.shape[0] == 1:
         value = value[0]
@@ -54,7 +54,7 @@ def _match(node: gs.Node, ws: Workspace) -> tuple[gs.Node, np.ndarray, list] | N
     lower, upper = ws.const(node.inputs[1]), ws.const(upper_node.inputs[1])
     if isinstance(lower, str) or isinstance(upper, str):
         return None
-    lower, upper = _per_channel(np.asarray(lower), rank), _per_channel(np.asarray(upper), rank)
+    lower, upper = per_channel(np.asarray(lower), rank), per_channel(np.asarray(upper), rank)
     if lower is None or upper is None:
         return None
     signs = sign_flip(lower, upper)
