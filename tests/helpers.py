@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import onnx
 import torch
 from torch import nn
@@ -106,3 +108,48 @@ def run_gloo_ranks(worker_source: str, tmp_path, world: int = 2, extra_args: tup
     for rank, proc in enumerate(procs):
         assert proc.returncode == 0, f"rank {rank} failed:\n{logs[rank]}"
     return [torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def fx_calls(model: torch.nn.Module, by_name: bool = False) -> collections.Counter:
+    """What every torch.fx graph of ``model`` calls: module types (``call_module``) and function/method targets,
+    counted; with ``by_name``, each keyed by its name (``"PReLU"``, ``"mul"``)."""
+
+    from torch import fx
+
+    counts: collections.Counter = collections.Counter()
+    for module in model.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op == "call_module":
+                kind = type(module.get_submodule(node.target))
+                counts[kind.__name__ if by_name else kind] += 1
+            elif node.op in ("call_function", "call_method"):
+                counts[getattr(node.target, "__name__", str(node.target)) if by_name else node.target] += 1
+    return counts
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as module ``name`` (registered in sys.modules while in use, so its dataclasses
+    resolve their annotations), with ``examples/`` importable; a context manager yielding the module."""
+    import contextlib
+    import importlib.util
+    import os
+    import sys
+
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+    @contextlib.contextmanager
+    def loaded():
+        sys.path.insert(0, examples)
+        try:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(examples, f"{name}.py"))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            yield module
+        finally:
+            sys.modules.pop(name, None)
+            sys.path.remove(examples)
+
+    return loaded()

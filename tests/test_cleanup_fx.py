@@ -3,13 +3,11 @@ folded BN+activation module's activation; kept modules keep their state_dict key
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_error
-from torch import fx, nn
+from helpers import fx_calls, rel_error
+from torch import nn
 
 import normfx
 from normfx import models
@@ -24,21 +22,8 @@ def _randomized(model: nn.Module, seed: int = 4) -> nn.Module:
     return model.eval()
 
 
-def _calls(model: nn.Module) -> collections.Counter:
-    """Module types and functions called in every fx graph of ``model``."""
-    counts: collections.Counter = collections.Counter()
-    for module in model.modules():
-        if isinstance(module, fx.GraphModule):
-            for node in module.graph.nodes:
-                if node.op == "call_module":
-                    counts[type(module.get_submodule(node.target))] += 1
-                elif node.op in ("call_function", "call_method"):
-                    counts[node.target] += 1
-    return counts
-
-
 def _left_behind(model: nn.Module) -> dict:
-    return {k: v for k, v in _calls(model).items()
+    return {k: v for k, v in fx_calls(model).items()
             if (isinstance(k, type) and issubclass(k, NO_OPS)) or k in DROPOUT_FUNCTIONS}
 
 
@@ -79,7 +64,7 @@ def test_bn_act_keeps_its_activation_as_a_direct_call_at_its_own_key():
     x = torch.randn(2, 3, 8, 8)
     fused, report = normfx.rewrite_with_report(model, "fuse")
     assert _left_behind(fused) == {}
-    assert _calls(fused)[nn.PReLU] == 1
+    assert fx_calls(fused)[nn.PReLU] == 1
     assert set(fused.state_dict()) == {"conv.weight", "conv.bias", "bn.act.weight", "conv2.weight", "conv2.bias"}
     assert rel_error(model(x), fused(x)) <= 1e-5
     note = next(n for n in report.notes if "identity in eval" in n)
@@ -97,11 +82,11 @@ def test_dropout_in_train_mode_and_identity_subclass_with_own_forward_stay():
     assert rel_error(model(x), normfx.rewrite(model, "fuse")(x)) <= 1e-5
     model.drop.train()  # a Dropout the user left in train mode is not a no-op
     fused, report = normfx.rewrite_with_report(model, "fuse")
-    assert _calls(fused)[nn.Dropout2d] == 1
+    assert fx_calls(fused)[nn.Dropout2d] == 1
     assert not any("Dropout2d" in n for n in report.notes)
 
 
-def test_bn_act_module_called_twice_folds_at_both_calls():
+def test_bn_act_module_called_twice_folds_at_bothfx_calls():
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -116,7 +101,7 @@ def test_bn_act_module_called_twice_folds_at_both_calls():
     x = torch.randn(2, 3, 6, 6)
     fused, report = normfx.rewrite_with_report(model, "fuse")
     assert [e.status for e in report.entries] == ["applied", "applied"]
-    assert _left_behind(fused) == {} and _calls(fused)[nn.SiLU] == 2
+    assert _left_behind(fused) == {} and fx_calls(fused)[nn.SiLU] == 2
     assert not any(k.startswith("bn.") and "running" in k for k in fused.state_dict())
     assert rel_error(model(x), fused(x)) <= 1e-5
 

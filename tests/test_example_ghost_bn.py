@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
+from helpers import load_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, EXAMPLES)
-    try:
-        spec = importlib.util.spec_from_file_location("digits_ghost_bn", os.path.join(EXAMPLES, "digits_ghost_bn.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with load_example("digits_ghost_bn") as module:
         yield module
-    finally:
-        sys.path.remove(EXAMPLES)
 
 
 @pytest.fixture(scope="module")

@@ -2,33 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
+from helpers import load_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
 
 @pytest.fixture(scope="module")
 def example():
-    sys.path.insert(0, EXAMPLES)
-    try:
-        spec = importlib.util.spec_from_file_location("digits_proxynorm", os.path.join(EXAMPLES, "digits_proxynorm.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclass resolves annotations through sys.modules
-        spec.loader.exec_module(module)
+    with load_example("digits_proxynorm") as module:
         yield module
-    finally:
-        sys.modules.pop("digits_proxynorm", None)
-        sys.path.remove(EXAMPLES)
 
 
 @pytest.fixture(scope="module")

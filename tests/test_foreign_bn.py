@@ -7,7 +7,7 @@ import collections
 
 import pytest
 import torch
-from helpers import assert_state_equal, rel_error, snapshot, storages
+from helpers import assert_state_equal, fx_calls, rel_error, snapshot, storages
 from torch import fx, nn
 
 import normfx
@@ -31,19 +31,6 @@ def _randomized(module: nn.Module, seed: int = 3) -> nn.Module:
 
 def _foreign_paths(model: nn.Module) -> dict[str, str]:
     return {n: type(m).__name__ for n, m in model.named_modules() if type(m).__name__ in FOREIGN}
-
-
-def _ops(gm: nn.Module) -> collections.Counter:
-    """call_function / call_method targets and call_module types of every graph in ``gm``."""
-    counts: collections.Counter = collections.Counter()
-    for module in gm.modules():
-        if isinstance(module, fx.GraphModule):
-            for node in module.graph.nodes:
-                if node.op == "call_module":
-                    counts[type(module.get_submodule(node.target)).__name__] += 1
-                elif node.op in ("call_function", "call_method"):
-                    counts[getattr(node.target, "__name__", str(node.target))] += 1
-    return counts
 
 
 class _Eps0Lookalike(TorchvisionFrozenBatchNorm2d):
@@ -132,7 +119,7 @@ def test_fuse_folds_every_foreign_layer_and_explain_lists_them():
     with torch.no_grad():
         assert rel_error(y, fused(x)) <= 1e-5
     # nothing left of them: no mul/sub/rsqrt/batch_norm, only the two residual additions; fully traced now
-    ops = _ops(fused)
+    ops = fx_calls(fused, by_name=True)
     assert isinstance(fused, fx.GraphModule)
     assert not {"mul", "sub", "rsqrt", "batch_norm", "reshape", "Identity", "Sequential"} & set(ops)
     assert ops["add"] == 2
@@ -163,7 +150,7 @@ def test_activation_parameters_keep_their_key():
     fused, report = normfx.rewrite_with_report(model, "fuse")
     assert [e.details["foreign"] for e in report.applied] == ["TimmFrozenBatchNormAct2d"]
     assert set(fused.state_dict()) == {"0.weight", "0.bias", "1.act.weight"}
-    assert _ops(fused)["PReLU"] == 1 and rel_error(model(x), fused(x)) <= 1e-5
+    assert fx_calls(fused, by_name=True)["PReLU"] == 1 and rel_error(model(x), fused(x)) <= 1e-5
 
 
 def test_lookalike_is_reported_skipped_and_left_working():
@@ -176,7 +163,7 @@ def test_lookalike_is_reported_skipped_and_left_working():
     assert [(e.name, e.status, e.details.get("fold")) for e in report.entries] == [
         ("1", "skipped", None), ("1.mul", "applied", "affine_chain"), ("4", "applied", None)]
     assert "lookalike _Eps0Lookalike not matched" in report.entries[0].reason
-    assert rel_error(model(x), fused(x)) <= 1e-5 and not {"mul", "add", "rsqrt"} & set(_ops(fused))
+    assert rel_error(model(x), fused(x)) <= 1e-5 and not {"mul", "add", "rsqrt"} & set(fx_calls(fused, by_name=True))
     clamped = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3), _ClampLookalike(4)))
     fused, report = normfx.rewrite_with_report(clamped, "fuse")
     assert report.entries[0].status == "skipped" and "differs" in report.entries[0].reason
@@ -190,7 +177,7 @@ def test_generic_1d_frozen_bn_folds_into_the_linear_before_it():
     x = torch.randn(4, 6)
     fused, report = normfx.rewrite_with_report(model, "fuse", example_inputs=x)
     assert [(e.name, e.status, e.details["into"]) for e in report.entries] == [("1", "applied", "0")]
-    assert rel_error(model(x), fused(x)) <= 1e-5 and not {"sub", "truediv", "sqrt"} & set(_ops(fused))
+    assert rel_error(model(x), fused(x)) <= 1e-5 and not {"sub", "truediv", "sqrt"} & set(fx_calls(fused, by_name=True))
 
 
 def test_module_registered_twice_is_swapped_at_both_paths():

@@ -409,33 +409,33 @@ def fold_chains(state: GraphState, targets: Callable[[str], bool], *, forward: b
     return outcomes
 
 
+def _try_fold(state: GraphState, chain: Chain, fold, geometry: tuple, reasons: list[str]) -> dict | None:
+    """Fold ``chain`` with ``fold`` (:mod:`.backward_fold` or :mod:`.forward_fold`) into the layer ``geometry``
+    describes, when the chain is per-channel there and the fold's checks pass; else add the reason."""
+    why = _per_channel(chain, *geometry)
+    layer_node, why = (None, why) if why else fold.check(state, chain, noun="affine")
+    if layer_node is None:
+        reasons.append(why)
+        return None
+    details = fold.apply(state, chain, layer_node)
+    erase(state, chain)
+    return _with_assumption(details, chain)
+
+
 def _fold_one(state: GraphState, chain: Chain, forward: bool, reasons: list[str]) -> dict | None:
     geometry = _geometry(state, chain.source, "output")
     if geometry is None:
         reasons.append(f"input comes from {describe_node(state.gm, chain.source)}, not a Conv/ConvTranspose/Linear")
-    else:
-        why = _per_channel(chain, *geometry)
-        layer_node, why = (None, why) if why else backward_fold.check(state, chain, noun="affine")
-        if layer_node is not None:
-            details = backward_fold.apply(state, chain, layer_node)
-            erase(state, chain)
-            return _with_assumption(details, chain)
-        reasons.append(why)
+    elif (details := _try_fold(state, chain, backward_fold, geometry, reasons)) is not None:
+        return details
     users = list(chain.node.users)
     if not forward:
         reasons.append("forward folding into the next layer is off (forward=false)")
         return None
     if len(users) == 1 and (geometry := _geometry(state, users[0], "input")) is not None:
-        why = _per_channel(chain, *geometry)
-        layer_node, why = (None, why) if why else forward_fold.check(state, chain, noun="affine")
-        if layer_node is not None:
-            details = forward_fold.apply(state, chain, layer_node)
-            erase(state, chain)
-            return _with_assumption(details, chain)
-        reasons.append(why)
-    else:
-        names = ", ".join(describe_node(state.gm, u) for u in users) or "nothing"
-        reasons.append(f"its output goes to {names}, not to a single Conv/ConvTranspose/Linear")
+        return _try_fold(state, chain, forward_fold, geometry, reasons)
+    names = ", ".join(describe_node(state.gm, u) for u in users) or "nothing"
+    reasons.append(f"its output goes to {names}, not to a single Conv/ConvTranspose/Linear")
     return None
 
 

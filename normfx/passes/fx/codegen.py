@@ -124,7 +124,8 @@ def use_direct_module_access(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def finish_code(gm: fx.GraphModule) -> fx.GraphModule:
-    """The last step of every fx rewrite: drop string annotations, then :func:`use_direct_module_access`."""
+    """The last step of every fx rewrite (``rewrite_traceable_parts`` runs it on each traced part): drop string
+    annotations, then :func:`use_direct_module_access`."""
     for node in gm.graph.nodes:
         if isinstance(node.type, str):
             node.type = None

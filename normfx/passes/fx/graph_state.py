@@ -12,7 +12,6 @@ import torch
 from torch import fx, nn
 
 from .cleanup import call_post
-from .codegen import finish_code
 from .ownership import Ownership
 from .patterns import BnSite, LayerInfo, layer_info
 from .shapes import ShapeRecorder
@@ -129,7 +128,7 @@ class GraphState:
         self.gm.graph.eliminate_dead_code(is_impure_node=lambda node: keeps_effect(self.gm, node))
         self.gm.graph.lint()
         self.gm.delete_all_unused_submodules()
-        return finish_code(self.gm)
+        return self.gm  # its code is generated once, by rewrite_traceable_parts
 
 
 def keeps_effect(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -113,6 +113,6 @@ def rewrite_traceable_parts(
                                                                  wanted))
     part = TracedPart(prefix, graph_module, list(opaque))
     result = rewrite_graph(part)
-    if isinstance(result, fx.GraphModule) and is_deferred(result):  # a rewrite that did not finish its graph
+    if isinstance(result, fx.GraphModule) and is_deferred(result):  # the one place a traced part gets its code
         finish_code(result)
     return result

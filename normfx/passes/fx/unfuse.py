@@ -40,7 +40,6 @@ from ..unfuse_options import (
     refuse_or_note,
     unfuse_options,
 )
-from .codegen import finish_code
 from .frozen import freeze_module
 from .graph_state import GraphState, set_parameters
 from .patterns import LayerInfo, describe_node, layer_info
@@ -212,7 +211,7 @@ def run(model: nn.Module, ctx) -> nn.Module:
             bn_name, bias = _insert(state, node, layer, options)
             inserted.append(Inserted(name, part.qualified(bn_name), layer, bias))
         state.gm.graph.lint()
-        return finish_code(state.gm)
+        return state.gm
 
     result = rewrite_traceable_parts(model, rewrite_graph, lambda path, why: untraceable.append(path),
                                      wanted=lambda m: layer_info(m) is not None)
